@@ -1,0 +1,41 @@
+"""bilevel: bilevel optimisation in PyTorch with implicit differentiation.
+
+::
+
+    import bilevel as bl
+    problem = bl.ProximalProblem(loss, lam=2.0)        # or bl.InnerProblem(G)
+    phi = bl.argmin(problem, theta, data, solver="gd", linear_solver="cg")
+    outer_loss(phi).backward()                         # theta.grad via the implicit function theorem
+"""
+
+from . import linalg, solvers, testing, tree, unrolled
+from ._checks import ConvergenceError, ConvergenceWarning
+from .implicit import ImplicitInfo, argmin, hypergradient, implicit_vjp
+from .linalg import LinearSolveInfo, LinearSolveStatus
+from .problem import InnerProblem, ProximalProblem
+from .solvers import SolveResult, SolverStatus, register_solver, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InnerProblem",
+    "ProximalProblem",
+    "solve",
+    "argmin",
+    "implicit_vjp",
+    "hypergradient",
+    "register_solver",
+    "SolveResult",
+    "SolverStatus",
+    "ImplicitInfo",
+    "LinearSolveInfo",
+    "LinearSolveStatus",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "linalg",
+    "solvers",
+    "testing",
+    "tree",
+    "unrolled",
+    "__version__",
+]

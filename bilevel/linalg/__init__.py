@@ -1,0 +1,30 @@
+"""Hessian-vector products and linear solvers on matvec closures.
+
+Every linear solver is called as ``solver(matvec, b, x0=None) -> (x, info)``
+with ``info`` a :class:`LinearSolveInfo`. Build one with :func:`get`.
+"""
+
+from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec, available, get, register
+from .cg import CG, cg
+from .eig import power_iteration
+from .hvp import DEFAULT_HVP_MODE, HVP_MODES, Linearization, hvp
+from .neumann import Neumann, neumann
+
+__all__ = [
+    "LinearSolveInfo",
+    "LinearSolveStatus",
+    "LinearSolver",
+    "Matvec",
+    "available",
+    "get",
+    "register",
+    "CG",
+    "cg",
+    "Neumann",
+    "neumann",
+    "power_iteration",
+    "hvp",
+    "Linearization",
+    "HVP_MODES",
+    "DEFAULT_HVP_MODE",
+]

@@ -1,0 +1,219 @@
+"""Linear-solver protocol, results and registry."""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .._checks import ConvergenceError, ConvergenceWarning, check_nonneg_float, check_positive_int
+from .._registry import Registry
+
+__all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec", "register", "get", "available"]
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LinearSolveStatus(enum.Enum):
+    """Why a linear solve stopped. Each value is advice for the user."""
+
+    CONVERGED = "The relative residual ||b - A x|| / ||b|| reached tol."
+    MAX_ITER = (
+        "The maximum number of iterations was reached before the relative residual reached tol; "
+        "increase max_iter, loosen tol, or accept the truncated solution (iMAML uses 5 CG steps)."
+    )
+    NEGATIVE_CURVATURE = (
+        "A direction p with p^T A p <= 0 was met: the inner Hessian is not positive definite at phi, "
+        "so the implicit function theorem does not apply as posed. Solve the inner problem more "
+        "accurately, raise lam (or add a proximal / L2 term), or add damping; the returned x is "
+        "the last iterate before the curvature turned."
+    )
+    DIVERGED = (
+        "The iteration diverged (the residual grew): for Neumann the step size exceeds 2/lambda_max(A) "
+        "or A is not positive definite. Lower step_size, or use 'cg'."
+    )
+    NONFINITE = (
+        "A non-finite value (NaN or inf) appeared in the matrix-vector products; check the inner "
+        "problem at phi (a diverged inner solve or an overflow)."
+    )
+
+    @property
+    def success(self) -> bool:
+        """True only for :attr:`CONVERGED`."""
+        return self is LinearSolveStatus.CONVERGED
+
+
+@dataclass
+class LinearSolveInfo:
+    """Diagnostics of one linear solve ``A x = b``.
+
+    Attributes
+    ----------
+    iterations:
+        Iterations performed.
+    residual_norm:
+        ``||b - A x||`` of the returned ``x`` (from the solver's recurrence).
+    relative_residual:
+        ``residual_norm / ||b||`` (0 when ``b = 0``).
+    converged:
+        ``relative_residual <= tol``.
+    status:
+        A :class:`LinearSolveStatus`; its value says what to do.
+    matvecs:
+        Matrix-vector products spent (a Hessian-vector product each, in the engine).
+    solver:
+        The name of the linear solver.
+    extra:
+        Solver-specific facts (e.g. the step size Neumann used).
+    """
+
+    iterations: int
+    residual_norm: float
+    relative_residual: float
+    converged: bool
+    status: LinearSolveStatus
+    matvecs: int
+    solver: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        """The advice attached to :attr:`status`."""
+        return self.status.value
+
+    def raise_if_failed(self) -> "LinearSolveInfo":
+        """Raise :class:`bilevel.ConvergenceError` unless the solve converged."""
+        if not self.converged:
+            raise ConvergenceError(f"{self.solver} stopped after {self.iterations} iterations "
+                                   f"(relative residual {self.relative_residual:.3g}): {self.message}")
+        return self
+
+
+class LinearSolver:
+    """Base class: solves ``A x = b`` for symmetric positive definite ``A`` given as a matvec.
+
+    Subclasses implement :meth:`_solve`; :meth:`__call__` validates ``b``,
+    runs it and emits a :class:`bilevel.ConvergenceWarning` on failure.
+
+    Parameters
+    ----------
+    max_iter:
+        Maximum number of iterations (matrix-vector products, roughly).
+    tol:
+        Tolerance on the relative residual ``||b - A x|| / ||b||``.
+    warn:
+        Emit a :class:`bilevel.ConvergenceWarning` when the solve does not
+        converge. Set ``False`` when a fixed, truncated budget is intended
+        (breakdowns such as negative curvature warn regardless).
+    """
+
+    name = "linear_solver"
+
+    def __init__(self, *, max_iter: int = 100, tol: float = 1e-10, warn: bool = True):
+        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.tol = check_nonneg_float(tol, "tol")
+        self.warn = bool(warn)
+
+    def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None) -> tuple[torch.Tensor, LinearSolveInfo]:
+        raise NotImplementedError
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """Solve ``matvec(x) = b``; returns ``(x, info)``."""
+        if not isinstance(b, torch.Tensor) or b.dim() != 1:
+            raise ValueError(f"b must be a 1-D tensor, got {getattr(b, 'shape', type(b).__name__)}; "
+                             f"flatten it with bilevel.tree.flatten.")
+        if x0 is not None and x0.shape != b.shape:
+            raise ValueError(f"x0 has shape {tuple(x0.shape)} but b has {tuple(b.shape)}; pass x0 like b.")
+        x, info = self._solve(matvec, b, x0)
+        info.solver = self.name
+        if not info.converged:
+            forced = info.status in (LinearSolveStatus.NEGATIVE_CURVATURE, LinearSolveStatus.DIVERGED,
+                                     LinearSolveStatus.NONFINITE)
+            if self.warn or forced:
+                warnings.warn(
+                    f"{self.name} did not converge after {info.iterations} iterations "
+                    f"(relative residual {info.relative_residual:.3g}, tol {self.tol:g}): {info.message}",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+        return x, info
+
+    def _options(self) -> dict[str, Any]:
+        return {"max_iter": self.max_iter, "tol": self.tol, "warn": self.warn}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+_REGISTRY = Registry("linear solver", LinearSolver)
+
+
+def register(name: str):
+    """Class decorator: register a :class:`LinearSolver` subclass under ``name``.
+
+    Examples
+    --------
+    >>> import bilevel as bl
+    >>> @bl.linalg.register("my_cg")
+    ... class MyCG(bl.linalg.CG):
+    ...     pass
+    >>> "my_cg" in bl.linalg.available()
+    True
+    """
+    return _REGISTRY.register(name)
+
+
+def available() -> list[str]:
+    """Names of the registered linear solvers.
+
+    Examples
+    --------
+    >>> import bilevel as bl
+    >>> {"cg", "neumann"} <= set(bl.linalg.available())
+    True
+    """
+    return _REGISTRY.available()
+
+
+def get(name: str | LinearSolver | Callable = "cg", **options: Any) -> LinearSolver:
+    """Build a linear solver by name, or pass an instance through.
+
+    Parameters
+    ----------
+    name:
+        A registered name (see :func:`available`), a :class:`LinearSolver`
+        instance (returned as is; ``options`` must then be empty), or a
+        callable ``(matvec, b) -> x`` or ``-> (x, info)``.
+    **options:
+        Constructor options of that solver (``max_iter``, ``tol``, ...).
+
+    Raises
+    ------
+    ValueError
+        Unknown name; the message lists the available ones.
+    TypeError
+        Unknown option; the message lists the valid ones.
+
+    Examples
+    --------
+    >>> import bilevel as bl
+    >>> bl.linalg.get("cg", max_iter=5)
+    CG(max_iter=5, tol=1e-10, warn=True)
+    """
+    if isinstance(name, LinearSolver):
+        if options:
+            raise TypeError(f"options {sorted(options)} cannot be applied to an existing {name!r}; "
+                            f"construct it with them instead.")
+        return name
+    if isinstance(name, str):
+        return _REGISTRY.build(name, options)
+    if callable(name):
+        from .callable import CallableLinearSolver
+
+        return CallableLinearSolver(name, **options)
+    raise TypeError(f"linear_solver must be a name ({', '.join(available())}), a LinearSolver or a "
+                    f"callable (matvec, b) -> x, got {type(name).__name__}.")

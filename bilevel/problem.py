@@ -1,0 +1,224 @@
+"""Inner problems: the objective ``G(phi, theta, data)`` that the inner solver minimises.
+
+* :class:`InnerProblem` wraps any objective ``G``.
+* :class:`ProximalProblem` is iMAML's ``G = loss(phi, data) + lam/2 ||phi - theta||^2``,
+  with ``lam`` a number, a tensor or a tree like ``theta`` (per-parameter), which
+  may itself require grad.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import tree as _tree
+from ._checks import check_finite_tree, check_scalar, check_structure
+
+__all__ = ["InnerProblem", "ProximalProblem"]
+
+
+class InnerProblem:
+    """An inner problem ``phi*(theta) = argmin_phi G(phi, theta, data)``.
+
+    Parameters
+    ----------
+    objective:
+        ``objective(phi, theta, data) -> scalar tensor``. ``phi`` and ``theta``
+        arrive in the structures you pass them in (a tensor or a dict / list /
+        tuple of tensors); ``data`` is passed through untouched. It must be
+        built from differentiable torch operations in ``phi`` and ``theta``
+        (twice differentiable in ``phi``; once more in ``theta``).
+    name:
+        Optional label used in messages and ``repr``.
+
+    Notes
+    -----
+    The hypergradient needs ``G`` to be twice differentiable near ``phi*``
+    with a positive definite Hessian ``d2G/dphi2`` there (strong convexity);
+    see :func:`bilevel.hypergradient`. Tensors the objective closes over get
+    no implicit gradient: pass what you want to differentiate as ``theta``.
+
+    Examples
+    --------
+    >>> import torch, bilevel as bl
+    >>> G = lambda phi, theta, data: 0.5 * ((phi - theta) ** 2).sum() + (phi * data).sum()
+    >>> problem = bl.InnerProblem(G)
+    >>> float(problem(torch.zeros(2), torch.ones(2), torch.ones(2)))
+    1.0
+    """
+
+    def __init__(self, objective: Callable[[Any, Any, Any], torch.Tensor], *, name: str | None = None):
+        if not callable(objective):
+            raise TypeError(
+                f"objective must be callable as objective(phi, theta, data) -> scalar tensor, "
+                f"got {type(objective).__name__}."
+            )
+        self.objective = objective
+        self.name = name or getattr(objective, "__name__", "objective")
+
+    # -- hyper-parameters besides theta that the implicit backward differentiates ----------
+    def hyperparameters(self) -> list[torch.Tensor]:
+        """Tensors other than ``theta`` that ``G`` depends on and that require grad.
+
+        The implicit backward of :func:`bilevel.argmin` returns their gradients
+        too. Empty for a plain :class:`InnerProblem`.
+        """
+        return []
+
+    def value(self, phi: Any, theta: Any, data: Any, hyper: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Evaluate ``G(phi, theta, data)`` and check that it is a real scalar.
+
+        ``hyper`` replaces :meth:`hyperparameters` (used by functional transforms).
+        """
+        out = self.objective(phi, theta, data)
+        return check_scalar(out, f"the inner objective {self.name!r}")
+
+    __call__ = value
+
+    def validate(self, theta: Any, data: Any) -> None:
+        """Check ``theta`` and ``data`` (and the problem's own constants) before a solve."""
+        check_finite_tree(theta, "theta", "the outer iterate diverged or was initialised badly; "
+                                          "lower the outer learning rate or check the initialisation")
+        check_finite_tree(data, "data", "clean the data (drop or impute NaN/inf entries)")
+
+    def default_phi0(self, theta: Any) -> Any:
+        """The starting point when ``phi0`` is not given: ``theta`` itself (detached)."""
+        return _tree.map(lambda t: t.detach(), theta)
+
+    def check_phi(self, phi: Any, theta: Any, what: str = "phi0") -> None:
+        """Check that ``phi`` has a structure the problem accepts (any, for a general ``G``)."""
+        _tree.tree_spec(phi, what)
+
+    def __repr__(self) -> str:
+        return f"InnerProblem(objective={self.name})"
+
+
+class ProximalProblem(InnerProblem):
+    """iMAML's inner problem ``G(phi, theta) = loss(phi, data) + lam/2 ||phi - theta||^2``.
+
+    Parameters
+    ----------
+    loss:
+        ``loss(phi, data) -> scalar tensor``, the task's training loss.
+    lam:
+        The regularisation strength, ``> 0``: a number; a tensor with one
+        element; or a tree with the structure of ``theta`` whose leaves
+        broadcast against ``theta``'s (a per-parameter or per-tensor ``lam``).
+        A tensor ``lam`` that requires grad is learned: :func:`bilevel.argmin`
+        returns its implicit gradient too.
+
+    Notes
+    -----
+    With ``Lambda = diag(lam)`` the stationarity condition is
+    ``grad L(phi) + Lambda (phi - theta) = 0``, so
+    ``dphi/dtheta = (H + Lambda)^{-1} Lambda`` (the paper's Lemma 1 for a scalar lam).
+
+    Examples
+    --------
+    >>> import torch, bilevel as bl
+    >>> problem = bl.ProximalProblem(lambda phi, data: ((phi - data) ** 2).sum(), lam=2.0)
+    >>> float(problem(torch.zeros(2), torch.ones(2), torch.zeros(2)))
+    2.0
+    """
+
+    def __init__(self, loss: Callable[[Any, Any], torch.Tensor], lam: Any, *, name: str | None = None):
+        if not callable(loss):
+            raise TypeError(f"loss must be callable as loss(phi, data) -> scalar tensor, got {type(loss).__name__}.")
+        super().__init__(self._objective, name=name or getattr(loss, "__name__", "loss"))
+        self.loss = loss
+        self.lam = self._check_lam(lam)
+
+    @staticmethod
+    def _check_lam(lam: Any) -> Any:
+        if isinstance(lam, bool):
+            raise TypeError("lam must be a positive number, a tensor or a tree of tensors, got a bool.")
+        if isinstance(lam, numbers.Real):
+            v = float(lam)
+            if not (v > 0) or v == float("inf"):
+                raise ValueError(f"Invalid lam: {lam}; the proximal strength must be a finite number > 0.")
+            return v
+        try:
+            lv = _tree.leaves(lam, "lam")
+        except TypeError as e:
+            raise TypeError(f"{e} (lam may also be a positive float)") from None
+        for t in lv:
+            if not t.is_floating_point():
+                raise TypeError(f"lam must hold floating-point tensors, got dtype {t.dtype}; use a float tensor.")
+        ProximalProblem._check_lam_values(lam)
+        return lam
+
+    @staticmethod
+    def _check_lam_values(lam: Any) -> None:
+        if isinstance(lam, float):
+            return
+        check_finite_tree(lam, "lam", "keep lam positive and finite (learn log(lam) if it drifts)")
+        for t in _tree.leaves(lam):
+            if bool((t.detach() <= 0).any()):
+                raise ValueError(
+                    "lam must be > 0 everywhere (the inner problem is then strongly convex), but it holds "
+                    f"{int((t.detach() <= 0).sum())} value(s) <= 0; parametrise it as exp(log_lam) or clamp it."
+                )
+
+    def hyperparameters(self) -> list[torch.Tensor]:
+        """The leaves of ``lam`` that require grad (empty for a fixed ``lam``)."""
+        if isinstance(self.lam, float):
+            return []
+        return [t for t in _tree.leaves(self.lam) if t.requires_grad]
+
+    def _lam_leaves(self, theta_leaves: list[torch.Tensor], hyper: Sequence[torch.Tensor] | None) -> list[Any]:
+        if isinstance(self.lam, float):
+            return [self.lam] * len(theta_leaves)
+        lam_leaves = _tree.leaves(self.lam)
+        if hyper is not None:
+            it = iter(hyper)
+            lam_leaves = [next(it) if t.requires_grad else t for t in lam_leaves]
+        if len(lam_leaves) == 1 and lam_leaves[0].numel() == 1:
+            return [lam_leaves[0].reshape(())] * len(theta_leaves)
+        return lam_leaves
+
+    def value(self, phi: Any, theta: Any, data: Any, hyper: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        loss = check_scalar(self.loss(phi, data), f"the loss {self.name!r}")
+        lp, lt = _tree.leaves(phi), _tree.leaves(theta)
+        lams = self._lam_leaves(lt, hyper)
+        prox = sum(0.5 * (lam * (p - t) ** 2).sum() for lam, p, t in zip(lams, lp, lt))
+        return loss + prox
+
+    __call__ = value
+
+    def _objective(self, phi: Any, theta: Any, data: Any) -> torch.Tensor:
+        return self.value(phi, theta, data)
+
+    def validate(self, theta: Any, data: Any) -> None:
+        super().validate(theta, data)
+        self._check_lam_values(self.lam)
+        if isinstance(self.lam, float):
+            return
+        lam_leaves = _tree.leaves(self.lam)
+        if len(lam_leaves) == 1 and lam_leaves[0].numel() == 1:
+            return
+        lam_spec, theta_spec = _tree.tree_spec(self.lam, "lam"), _tree.tree_spec(theta, "theta")
+        if lam_spec.structure != theta_spec.structure:
+            raise ValueError(
+                f"lam is {lam_spec.describe()} but theta is {theta_spec.describe()}; give lam as a "
+                f"number, a one-element tensor, or a tree with theta's keys whose tensors broadcast "
+                f"against theta's."
+            )
+        for lam_t, th, path in zip(lam_leaves, _tree.leaves(theta), theta_spec.paths):
+            try:
+                shape = torch.broadcast_shapes(lam_t.shape, th.shape)
+            except RuntimeError:
+                shape = None
+            if shape != th.shape:
+                raise ValueError(
+                    f"lam at {path!r} has shape {tuple(lam_t.shape)}, which does not broadcast to "
+                    f"theta's {tuple(th.shape)}; use shape {tuple(th.shape)} (per parameter) or () (per tensor)."
+                )
+
+    def check_phi(self, phi: Any, theta: Any, what: str = "phi0") -> None:
+        check_structure(_tree.tree_spec(phi, what), _tree.tree_spec(theta, "theta"), what, "theta")
+
+    def __repr__(self) -> str:
+        lam = self.lam if isinstance(self.lam, float) else f"<{_tree.describe(self.lam)}>"
+        return f"ProximalProblem(loss={self.name}, lam={lam})"

@@ -1,0 +1,25 @@
+"""The inner-solver registry.
+
+Build a solver with :func:`get` (``bl.solvers.get("gd", step_size=0.1)``), list
+them with :func:`available`, add one with :func:`register_solver`. Any
+callable ``(problem, theta, data, phi0) -> phi`` also works as a solver.
+"""
+
+from .base import (CallableSolver, IterativeSolver, Objective, SolveResult, Solver, SolverState, SolverStatus,
+                   available, get, register_solver, solve)
+from .gd import GradientDescent
+
+__all__ = [
+    "CallableSolver",
+    "GradientDescent",
+    "IterativeSolver",
+    "Objective",
+    "SolveResult",
+    "Solver",
+    "SolverState",
+    "SolverStatus",
+    "available",
+    "get",
+    "register_solver",
+    "solve",
+]

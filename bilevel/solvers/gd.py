@@ -1,0 +1,104 @@
+"""Gradient descent with a fixed step or an Armijo backtracking line search."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonneg_float, check_positive_int
+from .base import IterativeSolver, Objective, SolverState, SolverStatus, register_solver
+
+__all__ = ["GradientDescent"]
+
+
+@register_solver("gd")
+class GradientDescent(IterativeSolver):
+    """Gradient descent ``phi <- phi - step * grad_phi G``.
+
+    Parameters
+    ----------
+    step_size:
+        A fixed step (iMAML's inner loop), or ``None`` (default) for an
+        Armijo backtracking line search: the trial step starts at ``growth``
+        times the last accepted one and shrinks by ``shrink`` until
+        ``G(phi - t g) <= G(phi) - armijo * t ||g||^2`` (near convergence, where
+        that test drowns in round-off, the approximate Armijo condition of
+        Hager and Zhang on the directional derivative is used instead).
+    max_iter:
+        Maximum number of iterations. Default 500.
+    tol:
+        Stop when ``||grad_phi G|| <= tol``. Default 1e-6.
+    armijo:
+        Sufficient-decrease constant ``c`` in ``(0, 1)``. Default 1e-4.
+    shrink:
+        Backtracking factor in ``(0, 1)``. Default 0.5.
+    growth:
+        Each line search starts from ``growth`` times the last accepted step
+        (``>= 1``). Default 1.25.
+    max_backtracks:
+        Trials per line search before giving up. Default 40.
+
+    Notes
+    -----
+    On an ``L``-smooth, ``mu``-strongly convex ``G`` a fixed step ``1/L``
+    contracts the error by ``1 - 1/kappa`` per iteration. Each iteration
+    costs one gradient (plus one value per trial step with the line
+    search); no autograd graph survives an iteration, so memory is flat in
+    ``max_iter``.
+
+    Examples
+    --------
+    >>> import torch, bilevel as bl
+    >>> problem = bl.ProximalProblem(lambda phi, d: ((phi - d) ** 2).sum(), lam=2.0)
+    >>> res = bl.solve(problem, torch.zeros(2), torch.ones(2), solver=bl.solvers.get("gd", tol=1e-9))
+    >>> res.converged
+    True
+    """
+
+    def __init__(self, *, step_size: float | None = None, max_iter: int = 500, tol: float = 1e-6,
+                 armijo: float = 1e-4, shrink: float = 0.5, growth: float = 1.25, max_backtracks: int = 40):
+        super().__init__(max_iter=max_iter, tol=tol)
+        self.step_size = None if step_size is None else check_nonneg_float(step_size, "step_size", positive=True)
+        self.armijo = check_nonneg_float(armijo, "armijo", positive=True)
+        self.shrink = check_nonneg_float(shrink, "shrink", positive=True)
+        if not self.armijo < 1 or not self.shrink < 1:
+            raise ValueError(f"Invalid armijo={armijo} / shrink={shrink}: both must lie in (0, 1).")
+        self.growth = check_nonneg_float(growth, "growth", positive=True)
+        if self.growth < 1:
+            raise ValueError(f"Invalid growth: {growth}; it must be >= 1 (the factor the trial step grows by).")
+        self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
+
+    def _options(self):
+        opts = {**super()._options(), "step_size": self.step_size}
+        return opts
+
+    def init(self, fun: Objective, x0: torch.Tensor) -> SolverState:
+        state = super().init(fun, x0)
+        state.aux["t"] = 1.0
+        return state
+
+    def step(self, fun: Objective, state: SolverState, k: int) -> SolverState:
+        g = state.grad
+        if self.step_size is not None:
+            x = state.x - self.step_size * g
+            value, grad = fun.value_and_grad(x)
+            return SolverState(x, value, grad, aux=state.aux)
+        gg = torch.dot(g, g)
+        t = state.aux["t"] * self.growth
+        f0 = state.value
+        # Below this change, G's values are indistinguishable in floating point and the
+        # Armijo test is noise; fall back to the approximate Armijo condition of Hager and
+        # Zhang (2005), which uses the directional derivative at the trial point instead.
+        noise = 100.0 * torch.finfo(f0.dtype).eps * (abs(float(f0)) + 1.0)
+        for _ in range(self.max_backtracks):
+            x = state.x - t * g
+            f = fun.value(x)
+            decrease = float(f0 - f)
+            if decrease >= self.armijo * t * float(gg):
+                value, grad = fun.value_and_grad(x)
+                return SolverState(x, value, grad, aux={"t": t})
+            if abs(decrease) <= noise:
+                value, grad = fun.value_and_grad(x)
+                if float(torch.dot(grad, g)) >= -(1.0 - 2.0 * self.armijo) * float(gg):
+                    return SolverState(x, value, grad, aux={"t": t})
+            t *= self.shrink
+        return SolverState(state.x, state.value, state.grad, status=SolverStatus.LINE_SEARCH_FAILED, aux=state.aux)
