@@ -1,0 +1,214 @@
+"""Shared pieces of the benchmark scripts: the test problems, timing and result files.
+
+Imported by the scripts in this folder (``python benchmarks/<script>.py`` puts
+the folder on ``sys.path``); it is not part of the ``bilevel`` package.
+
+Problems
+--------
+:func:`mlp_task`
+    A 64-256-256-10 ReLU MLP, cross-entropy on 100 random points.
+:func:`convnet_task`
+    The 4-block conv net of MAML / iMAML on Omniglot-sized inputs (1x28x28),
+    20-way 5-shot (100 images), batch norm with batch statistics.
+
+Both return a :class:`Task`: a :class:`bilevel.ProximalProblem` over the
+network's parameters (a dict, evaluated with :func:`torch.func.functional_call`),
+``theta``, the inner (support) data and an outer (query) loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bilevel as bl
+
+__all__ = ["Task", "mlp_task", "convnet_task", "resolve_device", "Stopwatch", "median_time", "environment",
+           "write_json", "CPU_TIME_NOTE"]
+
+#: Printed and stored with every CPU timing.
+CPU_TIME_NOTE = ("CPU timings are reported as ratios only: absolute CPU times depend on the machine and its "
+                 "load and are not to be quoted.")
+
+
+@dataclass
+class Task:
+    """One inner problem of a benchmark.
+
+    Attributes
+    ----------
+    name:
+        Short label (``"mlp"`` or ``"convnet"``).
+    problem:
+        ``bl.ProximalProblem(loss, lam)`` with ``loss(phi, data)`` the network's training loss.
+    theta:
+        The meta-parameters: a dict of leaf tensors that require grad.
+    data:
+        The inner (support) batch ``(x, y)``.
+    outer:
+        ``outer(phi) -> scalar``: the loss of the adapted network on a query batch.
+    num_params:
+        Number of scalars in ``theta``.
+    """
+
+    name: str
+    problem: bl.ProximalProblem
+    theta: dict[str, torch.Tensor]
+    data: tuple[torch.Tensor, torch.Tensor]
+    outer: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    num_params: int
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``"auto"`` / ``None``: CUDA when available, else CPU; anything else as given to :class:`torch.device`."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+    return device
+
+
+def _make_task(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,
+               yq: torch.Tensor, lam: float) -> Task:
+    model.requires_grad_(False)  # the module is a stateless template; theta holds the parameters
+
+    def loss(phi: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, labels = data
+        return F.cross_entropy(torch.func.functional_call(model, phi, (inputs,)), labels)
+
+    def outer(phi: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss(phi, (xq, yq))
+
+    theta = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    problem = bl.ProximalProblem(loss, lam=lam, name=name)
+    return Task(name, problem, theta, (x, y), outer, sum(p.numel() for p in theta.values()))
+
+
+def mlp_task(device: torch.device, *, seed: int = 0, in_dim: int = 64, hidden: int = 256, num_classes: int = 10,
+             batch: int = 100, lam: float = 2.0) -> Task:
+    """A two-hidden-layer ReLU MLP (``in_dim``-``hidden``-``hidden``-``num_classes``) on random points."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, num_classes)).to(device)
+    x, xq = (torch.randn(batch, in_dim, generator=g).to(device) for _ in range(2))
+    y, yq = (torch.randint(num_classes, (batch,), generator=g).to(device) for _ in range(2))
+    return _make_task("mlp", model, x, y, xq, yq, lam)
+
+
+class ConvNet(nn.Module):
+    """``blocks`` x [3x3 conv (``width`` filters) -> batch norm (batch statistics) -> ReLU -> 2x2 max-pool] -> linear.
+
+    Batch norm always normalises with the statistics of the current batch and
+    keeps no running statistics (as in MAML's and iMAML's few-shot nets), so
+    the network is a pure function of its parameters and input.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 64, blocks: int = 4, num_classes: int = 20,
+                 image_size: int = 28):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=1) for i in range(blocks))
+        self.bn_weight = nn.ParameterList(nn.Parameter(torch.ones(width)) for _ in range(blocks))
+        self.bn_bias = nn.ParameterList(nn.Parameter(torch.zeros(width)) for _ in range(blocks))
+        side = image_size
+        for _ in range(blocks):
+            side //= 2
+        self.head = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, w, b in zip(self.convs, self.bn_weight, self.bn_bias):
+            x = conv(x)
+            x = F.batch_norm(x, None, None, w, b, training=True)
+            x = F.max_pool2d(F.relu(x), 2)
+        return self.head(x.flatten(1))
+
+
+def convnet_task(device: torch.device, *, seed: int = 0, ways: int = 20, shots: int = 5, image_size: int = 28,
+                 width: int = 64, lam: float = 2.0) -> Task:
+    """The 4-block conv net on random ``ways``-way ``shots``-shot 1x``image_size``^2 images."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ConvNet(1, width, 4, ways, image_size).to(device)
+    n = ways * shots
+    x, xq = (torch.randn(n, 1, image_size, image_size, generator=g).to(device) for _ in range(2))
+    y = torch.arange(ways).repeat_interleave(shots).to(device)
+    return _make_task("convnet", model, x, y, xq, y.clone(), lam)
+
+
+class Stopwatch:
+    """Wall-clock timing of a region: CUDA events on a CUDA device, ``time.perf_counter`` otherwise.
+
+    Examples
+    --------
+    >>> sw = Stopwatch(torch.device("cpu"))
+    >>> with sw:
+    ...     _ = sum(range(10))
+    >>> sw.seconds >= 0
+    True
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = float("nan")
+
+    def __enter__(self) -> "Stopwatch":
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self._end.record()
+            torch.cuda.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, list[float]]:
+    """Median and list of the wall-clock times of ``repeats`` calls of ``fn`` (no warm-up here)."""
+    times = []
+    for _ in range(repeats):
+        with Stopwatch(device) as sw:
+            fn()
+        times.append(sw.seconds)
+    return statistics.median(times), times
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Facts about the machine and software that a result depends on."""
+    env = {
+        "torch": torch.__version__,
+        "bilevel": bl.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, creating the folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False)
+        f.write("\n")

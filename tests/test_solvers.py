@@ -1,0 +1,184 @@
+"""Every registered inner solver (and a user callable) on every reference problem; result contracts."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from helpers import REFERENCE_PROBLEMS, SOLVER_SETTINGS, rel_err, tight_solver
+
+import bilevel as bl
+
+SOLVERS = bl.solvers.available()
+
+
+def newton_with_python_line_search(problem, theta, data, phi0):
+    """A user's black box: damped Newton with a backtracking line search written in plain Python."""
+    phi = phi0.clone()
+
+    def G(p):
+        return float(problem(p, theta, data))
+
+    for _ in range(50):
+        grad = torch.func.grad(lambda p: problem(p, theta, data))(phi)
+        if float(grad.norm()) < 1e-12:
+            break
+        H = torch.func.hessian(lambda p: problem(p, theta, data))(phi)
+        step = torch.linalg.solve(H, grad)
+        t = 1.0
+        while G(phi - t * step) > G(phi) - 1e-4 * t * float(grad @ step) and t > 1e-10:
+            t *= 0.5
+        phi = phi - t * step
+    return phi
+
+
+SOLVER_CASES = [*SOLVERS, "user_callable"]
+
+
+def make_solver(name):
+    if name == "user_callable":
+        return bl.solvers.get(newton_with_python_line_search, tol=1e-9)
+    return tight_solver(name)
+
+
+def test_every_registered_solver_has_a_tolerance_entry():
+    missing = [s for s in SOLVERS if s not in SOLVER_SETTINGS]
+    assert not missing, f"add {missing} to tests/helpers.py SOLVER_SETTINGS"
+
+
+@pytest.mark.parametrize("problem_name", sorted(REFERENCE_PROBLEMS))
+@pytest.mark.parametrize("solver_name", SOLVER_CASES)
+def test_hypergradient_agrees_with_reference(solver_name, problem_name):
+    ref = REFERENCE_PROBLEMS[problem_name]()
+    theta = bl.tree.map(lambda t: t.clone().requires_grad_(True), ref.theta)
+    phi, result = bl.argmin(ref.problem, theta, ref.data, solver=make_solver(solver_name),
+                            linear_solver=bl.linalg.get("cg", max_iter=500, tol=1e-13), phi0=ref.phi0,
+                            full_output=True)
+    assert result.converged, result.message
+    ref.outer(phi, theta).backward()
+    # Lemma 3: the hypergradient error is O(||phi - phi*||) <= O(grad_norm / mu)
+    tolerance = max(SOLVER_SETTINGS.get(solver_name, ({}, 1e-6))[1], 1e3 * result.grad_norm)
+    assert rel_err(theta.grad, ref.hypergradient()) < tolerance
+
+
+@pytest.mark.parametrize("solver_name", SOLVER_CASES)
+def test_result_contract(solver_name):
+    ref = REFERENCE_PROBLEMS["ridge_regression"]()
+    phi0 = ref.phi0.clone() + 0.1
+    before = phi0.clone()
+    result = bl.solve(ref.problem, ref.theta, ref.data, solver=make_solver(solver_name), phi0=phi0)
+    for f in ("phi", "converged", "iterations", "grad_norm", "status", "message", "history", "value", "solver",
+              "stats"):
+        assert hasattr(result, f)
+    assert {f.name for f in dataclasses.fields(result)} >= {"phi", "converged", "iterations", "grad_norm", "status",
+                                                             "message", "history"}
+    assert torch.equal(phi0, before), "phi0 was modified"
+    assert result.phi.dtype == phi0.dtype and result.phi.device == phi0.device
+    assert result.phi.shape == phi0.shape
+    assert not result.phi.requires_grad
+    assert isinstance(result.status, bl.SolverStatus) and result.message == result.status.value
+    true_grad = torch.func.grad(lambda p: ref.problem(p, ref.theta, ref.data))(result.phi)
+    assert result.grad_norm == pytest.approx(float(true_grad.norm()), rel=1e-6, abs=1e-14)
+    assert result.converged == (result.grad_norm <= 1e-9 or result.grad_norm <= make_solver(solver_name).tol)
+
+
+@pytest.mark.parametrize("step_size", [None, 0.01])
+def test_gd_history_and_counters(step_size):
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    result = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", step_size=step_size, tol=1e-8))
+    assert result.converged
+    hist = result.history["grad_norm"]
+    assert len(hist) == result.iterations + 1
+    assert hist[-1] == pytest.approx(result.grad_norm)
+    assert result.history["value"][-1] <= result.history["value"][0]
+    assert result.stats["ngev"] >= result.iterations
+
+
+def test_max_iter_failure_is_reported_and_raisable():
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    with pytest.warns(bl.ConvergenceWarning, match="increase max_iter"):
+        result = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", max_iter=2))
+    assert not result.converged and result.iterations == 2
+    assert result.status is bl.SolverStatus.MAX_ITER
+    with pytest.raises(bl.ConvergenceError, match="stopped after 2 iterations"):
+        result.raise_if_failed()
+
+
+def test_divergent_step_returns_last_finite_iterate():
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    with pytest.warns(bl.ConvergenceWarning, match="non-finite"):
+        result = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", step_size=10.0,
+                                                                                   max_iter=10000))
+    assert result.status is bl.SolverStatus.NONFINITE
+    assert torch.isfinite(result.phi).all()
+    assert not result.converged
+
+
+class _WrongGradient(torch.autograd.Function):
+    """x -> sum(x^2) with the gradient's sign flipped: no descent direction exists."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x ** 2).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return -2 * x * g
+
+
+def test_line_search_failure_is_reported():
+    problem = bl.InnerProblem(lambda phi, th, d: _WrongGradient.apply(phi - th))
+    with pytest.warns(bl.ConvergenceWarning, match="line search"):
+        result = bl.solve(problem, torch.zeros(3), phi0=torch.ones(3), solver=bl.solvers.get("gd"))
+    assert result.status is bl.SolverStatus.LINE_SEARCH_FAILED
+
+
+def test_inner_loop_builds_no_graph_and_does_not_touch_theta_grad():
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    theta = ref.theta.clone().requires_grad_(True)
+    result = bl.solve(ref.problem, theta, ref.data, solver=bl.solvers.get("gd", tol=1e-8))
+    assert result.phi.grad_fn is None and theta.grad is None
+
+
+def test_callable_returning_a_solve_result_and_a_non_stationary_point():
+    ref = REFERENCE_PROBLEMS["ridge_regression"]()
+
+    def lazy(problem, theta, data, phi0):
+        return bl.SolveResult(phi0, True, 7, 0.0, bl.SolverStatus.CONVERGED, "", {"x": [1.0]})
+
+    with pytest.warns(bl.ConvergenceWarning, match="not stationary"):
+        result = bl.solve(ref.problem, ref.theta, ref.data, solver=lazy, phi0=ref.phi0)
+    assert not result.converged and result.iterations == 7 and result.status is bl.SolverStatus.NOT_STATIONARY
+
+
+def test_callable_returning_wrong_structure_fails_clearly():
+    ref = REFERENCE_PROBLEMS["ridge_regression"]()
+    with pytest.raises(ValueError, match="return phi in the structure of phi0"):
+        bl.solve(ref.problem, ref.theta, ref.data, solver=lambda p, t, d, x: {"w": x}, phi0=ref.phi0)
+    with pytest.raises(TypeError, match="must return phi"):
+        bl.solve(ref.problem, ref.theta, ref.data, solver=lambda p, t, d, x: 3.0, phi0=ref.phi0)
+
+
+def test_register_solver_makes_it_available_and_tested_by_name():
+    @bl.register_solver("test_fixed_gd")
+    class FixedGD(bl.solvers.GradientDescent):
+        def __init__(self, *, max_iter: int = 100, tol: float = 1e-6):
+            super().__init__(step_size=0.01, max_iter=max_iter, tol=tol)
+
+    assert "test_fixed_gd" in bl.solvers.available()
+    assert isinstance(bl.solvers.get("test_fixed_gd", max_iter=3), FixedGD)
+    with pytest.raises(TypeError, match="subclass of Solver"):
+        bl.register_solver("not_a_solver")(object)
+    with pytest.raises(ValueError, match="registered already"):
+        bl.register_solver("gd")(FixedGD)
+
+
+def test_gd_is_quiet_when_converged():
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", tol=1e-6))
