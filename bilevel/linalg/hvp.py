@@ -64,7 +64,12 @@ class Linearization:
                 self._y = self.y.requires_grad_()
                 self._e = [e.requires_grad_() for e in self.extra]
                 value = fn(self._x, self._y, self._e)
-                (g,) = torch.autograd.grad(value, self._x, create_graph=True)
+                if value.requires_grad:
+                    (g,) = torch.autograd.grad(value, self._x, create_graph=True, allow_unused=True)
+                else:  # G does not depend on x, y or the extras at all
+                    g = None
+                if g is None:  # G does not depend on x: zero gradient and Hessian
+                    g = torch.zeros_like(self._x)
             self._g = g
             self.grad = g.detach()
         else:

@@ -68,7 +68,8 @@ class Neumann(LinearSolver):
             matvecs += used
             extra["lambda_max_estimate"] = lam_max
             if not lam_max > 0 or lam_max != lam_max:
-                info = LinearSolveInfo(0, float("nan"), float("nan"), False,
+                bn = torch.linalg.vector_norm(b).item()
+                info = LinearSolveInfo(0, bn, 1.0 if bn > 0 else 0.0, False,
                                        LinearSolveStatus.NEGATIVE_CURVATURE if lam_max <= 0
                                        else LinearSolveStatus.NONFINITE, matvecs, extra=extra)
                 return torch.zeros_like(b), info
