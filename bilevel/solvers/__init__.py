@@ -7,9 +7,13 @@ callable ``(problem, theta, data, phi0) -> phi`` also works as a solver.
 
 from .base import (CallableSolver, IterativeSolver, Objective, SolveResult, Solver, SolverState, SolverStatus,
                    available, get, register_solver, solve)
+from .agd import AcceleratedGradientDescent
 from .gd import GradientDescent
+from .newton_cg import NewtonCG
 
 __all__ = [
+    "AcceleratedGradientDescent",
+    "NewtonCG",
     "CallableSolver",
     "GradientDescent",
     "IterativeSolver",

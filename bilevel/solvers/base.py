@@ -87,7 +87,8 @@ class SolveResult:
     message:
         Human-readable advice for :attr:`status`.
     history:
-        ``{"grad_norm": [...], "value": [...]}`` per iteration (as available).
+        ``{"grad_norm": [...], "value": [...]}`` per iterate (as available), plus
+        solver-specific per-step lists (e.g. ``step_size``).
     value:
         ``G(phi, theta)`` at the returned ``phi`` (``nan`` if not computed).
     solver:
@@ -103,7 +104,7 @@ class SolveResult:
     grad_norm: float
     status: SolverStatus
     message: str
-    history: dict[str, list[float]] = field(default_factory=dict)
+    history: dict[str, list] = field(default_factory=dict)
     value: float = float("nan")
     solver: str = ""
     stats: dict[str, int] = field(default_factory=dict)
@@ -240,7 +241,9 @@ class SolverState:
     """The iterate of an :class:`IterativeSolver`: ``x`` with ``G(x)`` and ``grad G(x)``.
 
     ``status`` may be set by ``step`` to stop the loop (e.g. a failed line
-    search); ``aux`` holds method-specific state (momentum, step sizes).
+    search); ``aux`` holds method-specific state (momentum, step sizes);
+    ``record`` holds per-step facts (``{"step_size": 0.5}``) that the loop
+    appends to ``result.history`` under the same keys.
     """
 
     x: torch.Tensor
@@ -248,6 +251,7 @@ class SolverState:
     grad: torch.Tensor
     status: SolverStatus | None = None
     aux: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class IterativeSolver(Solver):
@@ -256,7 +260,8 @@ class IterativeSolver(Solver):
     Subclasses implement ``init(fun, x0) -> SolverState`` and
     ``step(fun, state, k) -> SolverState``. The loop owns ``max_iter``, the
     test ``||grad_phi G|| <= tol``, the non-finite check (the last finite
-    iterate is returned) and the history.
+    iterate is returned) and the history (``grad_norm`` and ``value`` per
+    iterate, plus whatever each step puts in ``SolverState.record``).
     """
 
     def init(self, fun: Objective, x0: torch.Tensor) -> SolverState:
@@ -268,7 +273,7 @@ class IterativeSolver(Solver):
 
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
         state = self.init(fun, x0.detach().clone())
-        history: dict[str, list[float]] = {"grad_norm": [], "value": []}
+        history: dict[str, list] = {"grad_norm": [], "value": []}
         last_good = state
         k = 0
         while True:
@@ -291,6 +296,8 @@ class IterativeSolver(Solver):
                 status = SolverStatus.MAX_ITER
                 break
             state = self.step(fun, state, k)
+            for key, item in state.record.items():
+                history.setdefault(key, []).append(item)
             k += 1
         gn = history["grad_norm"][-1] if history["grad_norm"] else float("nan")
         val = history["value"][-1] if history["value"] else float("nan")

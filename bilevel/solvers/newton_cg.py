@@ -1,0 +1,179 @@
+"""Hessian-free (truncated) Newton: CG on Hessian-vector products, then an Armijo line search."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_nonneg_float, check_positive_int
+from .base import IterativeSolver, Objective, SolverState, SolverStatus, register_solver
+
+__all__ = ["NewtonCG"]
+
+
+@register_solver("newton_cg")
+class NewtonCG(IterativeSolver):
+    r"""Hessian-free Newton: ``phi <- phi + t d`` with ``(H + damping I) d ~= -grad_phi G`` by truncated CG.
+
+    The paper's iMAML-HF inner solver. ``H = d2G/dphi2`` is never formed: CG
+    uses Hessian-vector products only.
+
+    Parameters
+    ----------
+    max_iter:
+        Maximum number of Newton iterations. Default 50.
+    tol:
+        Stop when ``||grad_phi G|| <= tol``. Default 1e-6.
+    cg_max_iter:
+        CG iterations (Hessian-vector products) per Newton step. Default 5,
+        the paper's value for iMAML-HF; raise it for a more exact Newton step.
+    cg_tol:
+        Relative residual ``||H d + g|| / ||g||`` at which CG stops, in
+        ``[0, 1)``; ``None`` (default) uses the forcing term
+        ``eta = min(0.5, sqrt(||g||))`` (Eisenstat and Walker; Nocedal and
+        Wright, Algorithm 7.1), which gives superlinear convergence.
+    damping:
+        ``>= 0`` added to the Hessian's diagonal (Levenberg-style), for a
+        nearly singular or indefinite ``H``. Default 0.
+    armijo:
+        Sufficient-decrease constant ``c`` in ``(0, 1/2)``: accept ``t`` when
+        ``G(phi + t d) <= G(phi) + c t <g, d>``. Default 1e-4.
+    shrink:
+        Backtracking factor in ``(0, 1)``; the line search starts at ``t = 1``.
+        Default 0.5.
+    max_backtracks:
+        Trials per line search before giving up. Default 30.
+
+    Notes
+    -----
+    CG starts from ``d = 0`` and stops at the relative tolerance, after
+    ``cg_max_iter`` iterations, or when it meets a direction ``p`` with
+    ``p^T (H + damping I) p <= 0`` (``G`` is not convex there): then the last
+    CG iterate is used, or, if that happens at the first CG iteration, the
+    steepest-descent direction ``-g``. Every CG iterate from ``0`` is a
+    descent direction, so the line search always has one to work with (a
+    direction that is not, because of round-off, is replaced by ``-g``).
+    Near convergence, where the Armijo test drowns in round-off, the
+    approximate Armijo condition of Hager and Zhang (2005),
+    ``<grad G(phi + t d), d> <= (1 - 2c) |<g, d>|``, is used instead, as in
+    :class:`~bilevel.solvers.GradientDescent`.
+
+    On a strongly convex ``G`` with a Lipschitz Hessian, the unit step is
+    eventually accepted and the convergence is superlinear with the forcing
+    term (quadratic with ``cg_tol=0`` and enough CG iterations); a fixed
+    ``cg_tol`` gives a linear rate about ``cg_tol``. With ``cg_max_iter``
+    small against ``sqrt(kappa)`` the steps are inexact and the rate linear.
+
+    Cost per Newton iteration: up to ``cg_max_iter`` Hessian-vector products
+    (each about two to three gradients' work: :meth:`Objective.hvp` builds the
+    gradient's graph and differentiates it again), one value of ``G`` per
+    line-search trial and one gradient at the accepted point.
+    ``result.stats`` counts them (``nhvp``, ``nfev``, ``ngev``); memory is
+    that of one Hessian-vector product, flat in ``max_iter``.
+
+    ``result.history`` holds, besides ``grad_norm`` and ``value``, per Newton
+    iteration: ``step_size`` (the accepted ``t``; 0 for a failed line
+    search), ``cg_iterations`` and ``negative_curvature`` (whether CG met
+    ``p^T H p <= 0``). The running state keeps the last step's CG count in
+    ``state.aux["cg_iterations"]``.
+
+    This solver cannot run under :func:`torch.func.vmap` (e.g. over the tasks
+    of a meta-batch): the shared loop, CG and the line search read norms and
+    values back to Python (``.item()``) to decide when to stop.
+
+    Examples
+    --------
+    >>> import torch, bilevel as bl
+    >>> loss = lambda phi, d: torch.nn.functional.softplus(-d["y"] * (d["X"] @ phi)).sum()
+    >>> g = torch.Generator().manual_seed(0)
+    >>> data = {"X": torch.randn(40, 3, generator=g, dtype=torch.float64),
+    ...         "y": torch.randn(40, generator=g, dtype=torch.float64).sign()}
+    >>> problem = bl.ProximalProblem(loss, lam=1.0)
+    >>> solver = bl.solvers.get("newton_cg", cg_max_iter=10, tol=1e-10)
+    >>> res = bl.solve(problem, torch.zeros(3, dtype=torch.float64), data, solver=solver)
+    >>> res.converged, res.iterations <= 6, res.history["cg_iterations"][0] <= 3
+    (True, True, True)
+    """
+
+    def __init__(self, *, max_iter: int = 50, tol: float = 1e-6, cg_max_iter: int = 5, cg_tol: float | None = None,
+                 damping: float = 0.0, armijo: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 30):
+        super().__init__(max_iter=max_iter, tol=tol)
+        self.cg_max_iter = check_positive_int(cg_max_iter, "cg_max_iter")
+        self.cg_tol = None if cg_tol is None else check_nonneg_float(cg_tol, "cg_tol")
+        if self.cg_tol is not None and not self.cg_tol < 1:
+            raise ValueError(f"Invalid cg_tol: {cg_tol}; the relative CG tolerance must lie in [0, 1) (a value "
+                             f">= 1 would stop CG before its first step), or be None for the forcing term.")
+        self.damping = check_nonneg_float(damping, "damping")
+        self.armijo = check_nonneg_float(armijo, "armijo", positive=True)
+        if not self.armijo < 0.5:
+            raise ValueError(f"Invalid armijo: {armijo}; it must lie in (0, 0.5) so that Newton's unit step "
+                             f"can be accepted near the solution.")
+        self.shrink = check_nonneg_float(shrink, "shrink", positive=True)
+        if not self.shrink < 1:
+            raise ValueError(f"Invalid shrink: {shrink}; it must lie in (0, 1).")
+        self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
+
+    def _options(self):
+        return {**super()._options(), "cg_max_iter": self.cg_max_iter, "cg_tol": self.cg_tol,
+                "damping": self.damping}
+
+    def init(self, fun: Objective, x0: torch.Tensor) -> SolverState:
+        state = super().init(fun, x0)
+        state.aux = {"cg_iterations": 0}
+        return state
+
+    def _direction(self, fun: Objective, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+        """Truncated CG on ``(H + damping I) d = -g`` from ``d = 0``: ``(d, cg_iterations, negative_curvature)``."""
+        gnorm = float(torch.linalg.vector_norm(g))
+        eta = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
+        d = torch.zeros_like(g)
+        r = -g  # residual -g - H d at d = 0
+        p = r.clone()
+        rr = float(torch.dot(r, r))
+        for i in range(1, self.cg_max_iter + 1):
+            hp = fun.hvp(x, p)
+            if self.damping:
+                hp = hp + self.damping * p
+            curvature = float(torch.dot(p, hp))
+            if not curvature > 0:  # non-positive (or NaN): H is not positive definite along p
+                return (-g if i == 1 else d), i, True
+            alpha = rr / curvature
+            d = d + alpha * p
+            r = r - alpha * hp
+            rr_new = float(torch.dot(r, r))
+            if math.sqrt(rr_new) <= eta * gnorm:
+                return d, i, False
+            p = r + (rr_new / rr) * p
+            rr = rr_new
+        return d, self.cg_max_iter, False
+
+    def step(self, fun: Objective, state: SolverState, k: int) -> SolverState:
+        x, g, f0 = state.x, state.grad, state.value
+        d, n_cg, negative = self._direction(fun, x, g)
+        slope = float(torch.dot(g, d))
+        if not (slope < 0 and math.isfinite(slope)):  # round-off (or a NaN) spoiled the CG direction
+            d = -g
+            slope = -float(torch.dot(g, g))
+        aux = {"cg_iterations": n_cg}
+
+        def record(t: float) -> dict:
+            return {"step_size": t, "cg_iterations": n_cg, "negative_curvature": negative}
+
+        noise = 100.0 * torch.finfo(f0.dtype).eps * (abs(float(f0)) + 1.0)
+        t = 1.0
+        for _ in range(self.max_backtracks):
+            xt = x + t * d
+            f = fun.value(xt)
+            decrease = float(f0 - f)
+            if decrease >= -self.armijo * t * slope:
+                value, grad = fun.value_and_grad(xt)
+                return SolverState(xt, value, grad, aux=aux, record=record(t))
+            if abs(decrease) <= noise:
+                # G's values are equal to round-off: approximate Armijo (Hager and Zhang) on the slope
+                value, grad = fun.value_and_grad(xt)
+                if float(torch.dot(grad, d)) <= -(1.0 - 2.0 * self.armijo) * slope:
+                    return SolverState(xt, value, grad, aux=aux, record=record(t))
+            t *= self.shrink
+        return SolverState(x, f0, g, status=SolverStatus.LINE_SEARCH_FAILED, aux=aux, record=record(0.0))
+
