@@ -188,7 +188,7 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
     --------
     >>> import torch, bilevel as bl
     >>> ref = bl.testing.proximal_quadratic(dim=5, seed=0)
-    >>> phi = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", tol=1e-11)).phi
+    >>> phi = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("newton_cg", tol=1e-11)).phi
     >>> g, info = bl.hypergradient(ref.problem, ref.outer, ref.theta, phi, ref.data)
     >>> bool(torch.allclose(g, ref.hypergradient(), atol=1e-8))
     True

@@ -179,7 +179,7 @@ def available() -> list[str]:
     return _REGISTRY.available()
 
 
-def get(name: str | LinearSolver | Callable = "cg", **options: Any) -> LinearSolver:
+def get(name: str | LinearSolver | Callable = "cg", /, **options: Any) -> LinearSolver:
     """Build a linear solver by name, or pass an instance through.
 
     Parameters

@@ -8,12 +8,19 @@ callable ``(problem, theta, data, phi0) -> phi`` also works as a solver.
 from .base import (CallableSolver, IterativeSolver, Objective, SolveResult, Solver, SolverState, SolverStatus,
                    available, get, register_solver, solve)
 from .agd import AcceleratedGradientDescent
+from .cvxpy_solver import CvxpySolver, CvxpyStatusError
 from .gd import GradientDescent
 from .newton_cg import NewtonCG
+from .scipy_lbfgs import ScipyLBFGS
+from .scipy_minimize import ScipyMinimize
 
 __all__ = [
     "AcceleratedGradientDescent",
     "NewtonCG",
+    "CvxpySolver",
+    "CvxpyStatusError",
+    "ScipyLBFGS",
+    "ScipyMinimize",
     "CallableSolver",
     "GradientDescent",
     "IterativeSolver",

@@ -386,7 +386,7 @@ def available() -> list[str]:
     return _REGISTRY.available()
 
 
-def get(solver: str | Solver | Callable = "gd", **options: Any) -> Solver:
+def get(solver: str | Solver | Callable = "gd", /, **options: Any) -> Solver:
     """Build an inner solver by name; pass an instance through; wrap a callable.
 
     Parameters
