@@ -42,3 +42,17 @@ def tight_solver(name: str):
     """A solver configured to reach a tight stationarity tolerance on the reference problems."""
     options, _ = SOLVER_SETTINGS.get(name, ({"tol": 1e-11}, 1e-6))
     return bl.solvers.get(name, **options)
+
+
+class WrongGradient(torch.autograd.Function):
+    """x -> sum(x^2) with the gradient's sign flipped: no descent direction exists."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x ** 2).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return -2 * x * g

@@ -12,11 +12,9 @@ import warnings
 
 import pytest
 import torch
-from helpers import REFERENCE_PROBLEMS
+from helpers import WrongGradient, REFERENCE_PROBLEMS
 
 import bilevel as bl
-import bilevel.solvers.agd  # noqa: F401  (registers "agd" until bilevel/solvers/__init__.py imports it)
-import bilevel.solvers.newton_cg  # noqa: F401  (registers "newton_cg")
 from bilevel.solvers.base import prepare
 
 # --------------------------------------------------------------------------------------------
@@ -219,22 +217,8 @@ def test_max_iter_failure_is_reported(name):
         result.raise_if_failed()
 
 
-class _WrongGradient(torch.autograd.Function):
-    """x -> sum(x^2) with the gradient's sign flipped: no descent direction exists."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x ** 2).sum()
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return -2 * x * g
-
-
 def test_newton_cg_line_search_failure_is_reported():
-    problem = bl.InnerProblem(lambda phi, th, d: _WrongGradient.apply(phi - th))
+    problem = bl.InnerProblem(lambda phi, th, d: WrongGradient.apply(phi - th))
     with pytest.warns(bl.ConvergenceWarning, match="line search"):
         result = bl.solve(problem, torch.zeros(3), phi0=torch.ones(3), solver=bl.solvers.get("newton_cg"))
     assert result.status is bl.SolverStatus.LINE_SEARCH_FAILED

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import REFERENCE_PROBLEMS, SOLVER_SETTINGS, rel_err, tight_solver
+from helpers import WrongGradient, REFERENCE_PROBLEMS, SOLVER_SETTINGS, rel_err, tight_solver
 
 import bilevel as bl
 
@@ -118,22 +118,8 @@ def test_divergent_step_returns_last_finite_iterate():
     assert not result.converged
 
 
-class _WrongGradient(torch.autograd.Function):
-    """x -> sum(x^2) with the gradient's sign flipped: no descent direction exists."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x ** 2).sum()
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return -2 * x * g
-
-
 def test_line_search_failure_is_reported():
-    problem = bl.InnerProblem(lambda phi, th, d: _WrongGradient.apply(phi - th))
+    problem = bl.InnerProblem(lambda phi, th, d: WrongGradient.apply(phi - th))
     with pytest.warns(bl.ConvergenceWarning, match="line search"):
         result = bl.solve(problem, torch.zeros(3), phi0=torch.ones(3), solver=bl.solvers.get("gd"))
     assert result.status is bl.SolverStatus.LINE_SEARCH_FAILED
