@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import tree as _tree
+from ._functorch import in_transform
 
 
 class ConvergenceWarning(UserWarning):
@@ -24,7 +25,12 @@ class ConvergenceError(RuntimeError):
 
 
 def check_finite_tree(tree: Any, what: str, hint: str = "") -> None:
-    """Raise ``ValueError`` if any tensor in ``tree`` holds NaN or infinity."""
+    """Raise ``ValueError`` if any tensor in ``tree`` holds NaN or infinity.
+
+    Skipped inside ``torch.func`` transforms (values cannot be read there).
+    """
+    if in_transform():
+        return
     lv: list = []
     paths: list = []
     _collect_tensors(tree, what, lv, paths)

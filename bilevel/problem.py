@@ -15,6 +15,7 @@ import torch
 
 from . import tree as _tree
 from ._checks import check_finite_tree, check_scalar, check_structure
+from ._functorch import in_transform
 
 __all__ = ["InnerProblem", "ProximalProblem"]
 
@@ -154,6 +155,8 @@ class ProximalProblem(InnerProblem):
         if isinstance(lam, float):
             return
         check_finite_tree(lam, "lam", "keep lam positive and finite (learn log(lam) if it drifts)")
+        if in_transform():  # values cannot be read inside torch.func transforms
+            return
         for t in _tree.leaves(lam):
             if bool((t.detach() <= 0).any()):
                 raise ValueError(

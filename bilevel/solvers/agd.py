@@ -85,9 +85,12 @@ class AcceleratedGradientDescent(IterativeSolver):
     iteration: ``step_size`` (the accepted step, 0 for a failed line search),
     ``momentum`` (``beta``) and ``restart`` (whether the momentum was reset).
 
-    This solver cannot run under :func:`torch.func.vmap` (e.g. over the tasks
-    of a meta-batch): the shared loop reads ``||grad G||`` and the line-search
-    tests back to Python (``.item()``) to decide when to stop.
+    With a fixed step (``step_size`` or ``smoothness``) and no adaptive restart
+    (``mu`` given, or ``restart=False``) the solver runs inside
+    :func:`torch.func.vmap` (e.g. over the tasks of a meta-batch): there it
+    takes exactly ``max_iter`` steps (status ``UNCHECKED``), since convergence
+    cannot be tested without reading values back. The backtracking and the
+    restart test read values, so those configurations cannot.
 
     Examples
     --------
@@ -135,6 +138,11 @@ class AcceleratedGradientDescent(IterativeSolver):
                 "restart": self.restart}
 
     @property
+    def vmappable(self) -> bool:
+        """True with a fixed step (``step_size`` or ``smoothness``) and no adaptive restart (``mu`` given or ``restart=False``)."""
+        return self._fixed_step is not None and (self.mu is not None or not self.restart)
+
+    @property
     def _fixed_step(self) -> float | None:
         if self.step_size is not None:
             return self.step_size
@@ -172,10 +180,10 @@ class AcceleratedGradientDescent(IterativeSolver):
                 else:
                     y = x + beta * (x - x_prev)
                     fy, gy = fun.value_and_grad(y)
-                    if not (math.isfinite(float(fy)) and bool(torch.isfinite(gy).all())):
+                    if not fun.functional and not (math.isfinite(float(fy)) and bool(torch.isfinite(gy).all())):
                         # hand the non-finite point to the loop, which returns the last finite iterate
                         return SolverState(y, fy, gy, aux=aux, record=self._record(s, beta, False))
-                gg = float(torch.dot(gy, gy))
+                gg = float(torch.dot(gy, gy)) if fixed is None else None
             x_new = y - s * gy
             f_new, g_new = fun.value_and_grad(x_new)
             if fixed is not None:

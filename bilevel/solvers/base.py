@@ -19,6 +19,7 @@ import torch
 
 from .. import tree as _tree
 from .._checks import (ConvergenceError, ConvergenceWarning, check_nonneg_float, check_positive_int)
+from .._functorch import in_transform
 from .._registry import Registry
 from ..problem import InnerProblem
 
@@ -55,6 +56,10 @@ class SolverStatus(enum.Enum):
     LINE_SEARCH_FAILED = (
         "The line search found no step that decreases G enough: tol may be below what the floating-point "
         "precision can reach (loosen tol or use float64), or G is non-smooth or its gradient is wrong."
+    )
+    UNCHECKED = (
+        "The solver ran inside a torch.func transform (e.g. vmap over tasks): it took exactly max_iter steps "
+        "and could not test convergence there; check ||grad_phi G|| outside the transform if it matters."
     )
     NOT_STATIONARY = (
         "The point returned by the solver is not stationary (||grad_phi G|| > tol); solve more accurately "
@@ -134,6 +139,9 @@ class Objective:
         The :class:`bilevel.tree.TreeSpec` of ``phi``.
     nfev, ngev, nhvp:
         Counters of values, gradients and Hessian-vector products computed.
+    functional:
+        True inside a ``torch.func`` transform (e.g. ``vmap`` over tasks):
+        derivatives then come from ``torch.func`` and no value is read back.
     """
 
     def __init__(self, problem: InnerProblem, theta: Any, data: Any, spec: _tree.TreeSpec):
@@ -144,21 +152,31 @@ class Objective:
         self.nfev = 0
         self.ngev = 0
         self.nhvp = 0
+        #: inside a torch.func transform (vmap over tasks): derivatives by torch.func, no read-backs
+        self.functional = in_transform()
 
     def unflatten(self, x: torch.Tensor) -> Any:
         """``x`` as a tree in ``phi``'s structure (views)."""
         return _tree.unflatten(x, self.spec)
 
+    def _g(self, x: torch.Tensor) -> torch.Tensor:
+        return self.problem.value(self.unflatten(x), self.theta, self.data)
+
     def value(self, x: torch.Tensor) -> torch.Tensor:
         """``G(x)`` as a 0-d tensor, without building a graph."""
         self.nfev += 1
+        if self.functional:
+            return self._g(x)
         with torch.no_grad():
-            return self.problem.value(self.unflatten(x), self.theta, self.data).detach()
+            return self._g(x).detach()
 
     def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G(x), grad G(x))``, both detached; the graph is freed before returning."""
         self.nfev += 1
         self.ngev += 1
+        if self.functional:
+            g, v = torch.func.grad_and_value(self._g)(x)
+            return v, g
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)
             val = self.problem.value(self.unflatten(xx), self.theta, self.data)
@@ -174,6 +192,8 @@ class Objective:
     def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``d2G/dphi2 (x) @ v`` (detached), for second-order solvers."""
         self.nhvp += 1
+        if self.functional:
+            return torch.func.jvp(torch.func.grad(self._g), (x,), (v,))[1]
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)
             val = self.problem.value(self.unflatten(xx), self.theta, self.data)
@@ -208,6 +228,11 @@ class Solver:
     def __init__(self, *, max_iter: int = 500, tol: float = 1e-6):
         self.max_iter = check_positive_int(max_iter, "max_iter", allow_zero=True)
         self.tol = check_nonneg_float(tol, "tol")
+
+    @property
+    def vmappable(self) -> bool:
+        """Whether this solver, as configured, can run inside :func:`torch.func.vmap` (fixed iteration count)."""
+        return False
 
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
         raise NotImplementedError
@@ -272,6 +297,8 @@ class IterativeSolver(Solver):
         raise NotImplementedError
 
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
+        if fun.functional:
+            return self._run_fixed(fun, x0)
         state = self.init(fun, x0.detach().clone())
         history: dict[str, list] = {"grad_norm": [], "value": []}
         last_good = state
@@ -304,6 +331,27 @@ class IterativeSolver(Solver):
         iterations = len(history["grad_norm"]) - 1 if status is not SolverStatus.NONFINITE else k
         return SolveResult(state.x, status.success, max(iterations, 0), gn, status, status.value,
                            history, val, self.name, fun.stats())
+
+
+    def _run_fixed(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
+        """Inside a torch.func transform: exactly ``max_iter`` steps, no convergence test, no read-back."""
+        _require_vmappable(self)
+        state = self.init(fun, x0)
+        for k in range(self.max_iter):
+            state = self.step(fun, state, k)
+        status = SolverStatus.UNCHECKED
+        return SolveResult(state.x, False, self.max_iter, float("nan"), status, status.value, {}, float("nan"),
+                           self.name, fun.stats())
+
+
+def _require_vmappable(solver: Solver) -> None:
+    if not solver.vmappable:
+        raise RuntimeError(
+            f"{solver!r} cannot run inside torch.func.vmap (or another torch.func transform): it decides "
+            f"when to stop from values that cannot be read there, or runs outside torch. Use a fixed iteration "
+            f"count instead, e.g. bl.solvers.get('gd', step_size=...) or bl.solvers.get('agd', step_size=..., "
+            f"mu=...), or loop over the tasks."
+        )
 
 
 class CallableSolver(Solver):
@@ -441,7 +489,7 @@ def prepare(problem: InnerProblem, theta: Any, data: Any, phi0: Any) -> tuple[Ob
 
         check_finite_tree(phi0, "phi0", "start the inner solver from finite values")
     x0, spec = _tree.flatten(phi0, "phi0")
-    x0 = x0.detach().clone()  # never mutate the caller's phi0
+    x0 = x0.detach().clone()  # never mutate the caller's phi0 (a plain copy inside torch.func transforms)
     return Objective(problem, theta, data, spec), x0
 
 
@@ -470,6 +518,15 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
         ``phi`` in the structure of ``phi0``. A failed solve sets
         ``converged=False`` and warns with :class:`bilevel.ConvergenceWarning`.
 
+    Notes
+    -----
+    ``solve`` runs inside :func:`torch.func.vmap` (a batch of tasks) with the
+    solvers whose ``vmappable`` property is true (``"gd"`` with a fixed
+    ``step_size``; ``"agd"`` with a fixed step and no adaptive restart). There
+    they take exactly ``max_iter`` steps with ``torch.func`` derivatives,
+    value checks are skipped, and the status is ``UNCHECKED``; others raise a
+    ``RuntimeError`` saying what to use instead.
+
     Examples
     --------
     >>> import torch, bilevel as bl
@@ -480,11 +537,13 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
     """
     solver_obj = get(solver)
     fun, x0 = prepare(problem, theta, data, phi0)
+    if fun.functional:
+        _require_vmappable(solver_obj)
     result = solver_obj.run(fun, x0)
     result.phi = fun.unflatten(result.phi.detach())
     logger.debug("inner solve %s: %s after %d iterations, ||grad G|| = %.3g", result.solver,
                  result.status.name, result.iterations, result.grad_norm)
-    if not result.converged:
+    if not result.converged and result.status is not SolverStatus.UNCHECKED:
         warnings.warn(
             f"inner solver {result.solver!r} did not converge after {result.iterations} iterations "
             f"(||grad_phi G|| = {result.grad_norm:.3g}, tol {solver_obj.tol:g}): {result.message}",

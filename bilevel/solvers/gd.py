@@ -45,6 +45,11 @@ class GradientDescent(IterativeSolver):
     search); no autograd graph survives an iteration, so memory is flat in
     ``max_iter``.
 
+    With a fixed ``step_size`` the solver runs inside :func:`torch.func.vmap`
+    (a batch of tasks): there it takes exactly ``max_iter`` steps and reports
+    the status ``UNCHECKED``, since convergence cannot be tested without
+    reading values back. The line search (``step_size=None``) cannot.
+
     Examples
     --------
     >>> import torch, bilevel as bl
@@ -66,6 +71,11 @@ class GradientDescent(IterativeSolver):
         if self.growth < 1:
             raise ValueError(f"Invalid growth: {growth}; it must be >= 1 (the factor the trial step grows by).")
         self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
+
+    @property
+    def vmappable(self) -> bool:
+        """True with a fixed ``step_size``: the line search reads values back and cannot run under vmap."""
+        return self.step_size is not None
 
     def _options(self):
         opts = {**super()._options(), "step_size": self.step_size}

@@ -1,0 +1,86 @@
+"""Inner solvers with a fixed iteration count run under torch.func.vmap over a batch of tasks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel as bl
+
+N_TASKS = 5
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    refs = [bl.testing.ridge_regression(seed=s) for s in range(N_TASKS)]
+    X = torch.stack([r.data["X"] for r in refs])
+    y = torch.stack([r.data["y"] for r in refs])
+    return refs[0].problem, refs[0].theta, X, y
+
+
+VMAPPABLE = {
+    "gd fixed step": lambda: bl.solvers.get("gd", step_size=0.002, max_iter=200, tol=0.0),
+    "agd constant momentum": lambda: bl.solvers.get("agd", step_size=0.002, mu=0.05, max_iter=200, tol=0.0),
+    "agd schedule, no restart": lambda: bl.solvers.get("agd", smoothness=400.0, restart=False, max_iter=200, tol=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VMAPPABLE))
+def test_vmap_over_tasks_matches_the_loop(tasks, name):
+    problem, theta, X, y = tasks
+    solver = VMAPPABLE[name]()
+    assert solver.vmappable
+
+    def solve_one(X, y):
+        return bl.solve(problem, theta, {"X": X, "y": y}, solver=solver, phi0=torch.zeros(8)).phi
+
+    batched = torch.func.vmap(solve_one)(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bl.ConvergenceWarning)  # tol=0: the loop reports MAX_ITER
+        loop = torch.stack([solve_one(X[i], y[i]) for i in range(N_TASKS)])
+    assert batched.shape == (N_TASKS, 8)
+    torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-12)
+    # the tasks differ, so vmap really solved five problems
+    assert float((batched[0] - batched[1]).norm()) > 1e-3
+
+
+def test_vmap_over_theta_and_data_of_a_proximal_problem():
+    ref = bl.testing.proximal_quadratic(dim=6, lam=2.0, condition_number=5.0, seed=0)
+    thetas = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    solver = bl.solvers.get("gd", step_size=0.09, max_iter=400)
+    phis = torch.func.vmap(lambda th: bl.solve(ref.problem, th, ref.data, solver=solver).phi)(thetas)
+    exact = torch.stack([ref.solution(th) for th in thetas])
+    torch.testing.assert_close(phis, exact, rtol=1e-10, atol=1e-10)
+
+
+def test_result_under_vmap_is_unchecked_and_silent(tasks):
+    problem, theta, X, y = tasks
+    statuses = []
+
+    def solve_one(X, y):
+        result = bl.solve(problem, theta, {"X": X, "y": y}, solver=VMAPPABLE["gd fixed step"](),
+                          phi0=torch.zeros(8))
+        statuses.append((result.status, result.iterations, result.converged))
+        return result.phi
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.func.vmap(solve_one)(X, y)
+    assert statuses == [(bl.SolverStatus.UNCHECKED, 200, False)]
+
+
+@pytest.mark.parametrize("solver", [
+    lambda: bl.solvers.get("gd"),  # line search
+    lambda: bl.solvers.get("agd", step_size=0.002),  # adaptive restart reads values
+    lambda: bl.solvers.get("newton_cg"),
+    lambda: bl.solvers.get("scipy_lbfgs"),
+])
+def test_solvers_that_cannot_run_under_vmap_say_so(tasks, solver):
+    problem, theta, X, y = tasks
+    s = solver()
+    assert not s.vmappable
+    with pytest.raises(RuntimeError, match="cannot run inside torch.func.vmap.*Use a fixed iteration count"):
+        torch.func.vmap(lambda X, y: bl.solve(problem, theta, {"X": X, "y": y}, solver=s, phi0=torch.zeros(8)).phi)(
+            X, y)
