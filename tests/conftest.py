@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The test problems are small: one thread avoids OpenMP oversubscription on a shared 2-core machine,
+# which made small convolutions 50x slower when another process was busy.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _float64_default():

@@ -170,3 +170,14 @@ def test_gd_is_quiet_when_converged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", tol=1e-6))
+
+
+def test_tol_zero_is_a_fixed_budget_without_warning():
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", step_size=0.01, max_iter=7,
+                                                                                   tol=0.0))
+        x, info = bl.linalg.get("cg", max_iter=2, tol=0.0)(lambda v: 3.0 * v + v.flip(0), torch.ones(4))
+    assert result.iterations == 7 and result.status is bl.SolverStatus.MAX_ITER and not result.converged
+    assert info.iterations == 2 or info.converged

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from .._checks import ConvergenceError, ConvergenceWarning, check_nonneg_float, check_positive_int
+from .._functorch import in_transform
 from .._registry import Registry
 
 __all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec", "register", "get", "available"]
@@ -34,6 +35,11 @@ class LinearSolveStatus(enum.Enum):
     DIVERGED = (
         "The iteration diverged (the residual grew): for Neumann the step size exceeds 2/lambda_max(A) "
         "or A is not positive definite. Lower step_size, or use 'cg'."
+    )
+    UNCHECKED = (
+        "The solve ran inside a torch.func transform (e.g. vmap over tasks): it took max_iter iterations "
+        "(frozen where the residual reached tol or the curvature turned non-positive) and reported nothing "
+        "back; check a task outside the transform if the accuracy matters."
     )
     NONFINITE = (
         "A non-finite value (NaN or inf) appeared in the matrix-vector products; check the inner "
@@ -106,8 +112,8 @@ class LinearSolver:
         Tolerance on the relative residual ``||b - A x|| / ||b||``.
     warn:
         Emit a :class:`bilevel.ConvergenceWarning` when the solve does not
-        converge. Set ``False`` when a fixed, truncated budget is intended
-        (breakdowns such as negative curvature warn regardless).
+        converge. Set ``False`` (or ``tol=0``) when a fixed, truncated budget
+        is intended (breakdowns such as negative curvature warn regardless).
     """
 
     name = "linear_solver"
@@ -120,6 +126,22 @@ class LinearSolver:
     def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None) -> tuple[torch.Tensor, LinearSolveInfo]:
         raise NotImplementedError
 
+    @property
+    def vmappable(self) -> bool:
+        """Whether the solver, as configured, can run inside :func:`torch.func.vmap` (see :meth:`solve_fixed`)."""
+        return False
+
+    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """``max_iter`` iterations with no value read back to Python: vmap-safe, no GPU synchronisation.
+
+        Used automatically inside ``torch.func`` transforms; only solvers whose
+        :attr:`vmappable` is true implement it.
+        """
+        raise RuntimeError(
+            f"{self!r} cannot run inside torch.func.vmap (or another torch.func transform); use "
+            f"bl.linalg.get('cg', max_iter=...) or a Neumann series with a fixed step_size."
+        )
+
     def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> tuple[torch.Tensor, LinearSolveInfo]:
         """Solve ``matvec(x) = b``; returns ``(x, info)``."""
         if not isinstance(b, torch.Tensor) or b.dim() != 1:
@@ -127,12 +149,17 @@ class LinearSolver:
                              f"flatten it with bilevel.tree.flatten.")
         if x0 is not None and x0.shape != b.shape:
             raise ValueError(f"x0 has shape {tuple(x0.shape)} but b has {tuple(b.shape)}; pass x0 like b.")
+        if in_transform():
+            x = self.solve_fixed(matvec, b, x0)
+            nan = float("nan")
+            status = LinearSolveStatus.UNCHECKED
+            return x, LinearSolveInfo(self.max_iter, nan, nan, False, status, self.max_iter, self.name)
         x, info = self._solve(matvec, b, x0)
         info.solver = self.name
         if not info.converged:
             forced = info.status in (LinearSolveStatus.NEGATIVE_CURVATURE, LinearSolveStatus.DIVERGED,
                                      LinearSolveStatus.NONFINITE)
-            if self.warn or forced:
+            if forced or (self.warn and self.tol > 0):  # tol=0 asks for exactly max_iter iterations
                 warnings.warn(
                     f"{self.name} did not converge after {info.iterations} iterations "
                     f"(relative residual {info.relative_residual:.3g}, tol {self.tol:g}): {info.message}",

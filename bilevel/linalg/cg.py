@@ -96,6 +96,47 @@ class CG(LinearSolver):
         return x, info
 
 
+    @property
+    def vmappable(self) -> bool:
+        """Always true: :meth:`solve_fixed` runs CG without reading values back."""
+        return True
+
+    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Exactly ``max_iter`` CG iterations without data-dependent Python control flow.
+
+        An iteration whose residual already met ``tol``, or whose direction has
+        non-positive curvature, leaves ``x`` unchanged from then on (a mask, not
+        a ``break``), so the result equals :meth:`__call__`'s. Runs under
+        :func:`torch.func.vmap` and on a GPU without synchronisation.
+
+        Examples
+        --------
+        >>> import torch
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+        >>> CG(max_iter=2).solve_fixed(lambda v: A @ v, torch.tensor([1.0, 2.0]))
+        tensor([0.0909, 0.6364])
+        """
+        x = torch.zeros_like(b) if x0 is None else x0
+        r = b if x0 is None else b - matvec(x0)
+        p = r
+        rs = torch.dot(r, r)
+        threshold = (self.tol * torch.linalg.vector_norm(b)) ** 2
+        done = rs <= threshold
+        for _ in range(self.max_iter):
+            Ap = matvec(p)
+            pAp = torch.dot(p, Ap)
+            done = done | ~(pAp > 0)  # non-positive (or NaN) curvature: freeze at the last iterate
+            alpha = torch.where(done, torch.zeros_like(rs), rs / torch.where(done, torch.ones_like(pAp), pAp))
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = torch.dot(r, r)
+            beta = torch.where(done, torch.zeros_like(rs), rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)))
+            done = done | (rs_new <= threshold)
+            p = r + beta * p
+            rs = rs_new
+        return x
+
+
 def cg(matvec: Matvec, b: torch.Tensor, *, x0: torch.Tensor | None = None, max_iter: int = 100,
        tol: float = 1e-10, warn: bool = True) -> tuple[torch.Tensor, LinearSolveInfo]:
     """Functional form of :class:`CG`: solve ``matvec(x) = b``.

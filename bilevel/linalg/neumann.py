@@ -59,6 +59,22 @@ class Neumann(LinearSolver):
     def _options(self):
         return {**super()._options(), "step_size": self.step_size, "power_iters": self.power_iters}
 
+    @property
+    def vmappable(self) -> bool:
+        """True with a fixed ``step_size`` (the power-iteration estimate reads values back)."""
+        return self.step_size is not None
+
+    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Exactly ``max_iter`` terms of the series, with no value read back (vmap-safe)."""
+        if self.step_size is None:
+            return super().solve_fixed(matvec, b, x0)
+        x = torch.zeros_like(b) if x0 is None else x0
+        r = b if x0 is None else b - matvec(x0)
+        for _ in range(self.max_iter):
+            x = x + self.step_size * r
+            r = r - self.step_size * matvec(r)
+        return x
+
     def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None):
         matvecs = 0
         alpha = self.step_size

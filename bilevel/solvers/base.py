@@ -516,7 +516,9 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
     -------
     SolveResult
         ``phi`` in the structure of ``phi0``. A failed solve sets
-        ``converged=False`` and warns with :class:`bilevel.ConvergenceWarning`.
+        ``converged=False`` and warns with :class:`bilevel.ConvergenceWarning`;
+        a solver built with ``tol=0`` runs exactly ``max_iter`` iterations
+        (iMAML's fixed inner budget) and reaching them is not a warning.
 
     Notes
     -----
@@ -543,7 +545,8 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
     result.phi = fun.unflatten(result.phi.detach())
     logger.debug("inner solve %s: %s after %d iterations, ||grad G|| = %.3g", result.solver,
                  result.status.name, result.iterations, result.grad_norm)
-    if not result.converged and result.status is not SolverStatus.UNCHECKED:
+    if not result.converged and result.status is not SolverStatus.UNCHECKED and not (
+            result.status is SolverStatus.MAX_ITER and solver_obj.tol == 0):  # tol=0: a fixed budget, as asked
         warnings.warn(
             f"inner solver {result.solver!r} did not converge after {result.iterations} iterations "
             f"(||grad_phi G|| = {result.grad_norm:.3g}, tol {solver_obj.tol:g}): {result.message}",
