@@ -84,3 +84,38 @@ def test_solvers_that_cannot_run_under_vmap_say_so(tasks, solver):
     with pytest.raises(RuntimeError, match="cannot run inside torch.func.vmap.*Use a fixed iteration count"):
         torch.func.vmap(lambda X, y: bl.solve(problem, theta, {"X": X, "y": y}, solver=s, phi0=torch.zeros(8)).phi)(
             X, y)
+
+
+@pytest.mark.parametrize("max_iter", [1, 3, 8, 40])
+def test_branch_free_cg_equals_the_reference_cg(max_iter):
+    A = bl.testing.random_spd(12, 200.0, seed=max_iter)
+    b = torch.randn(12, generator=torch.Generator().manual_seed(max_iter))
+    cg = bl.linalg.CG(max_iter=max_iter, tol=1e-12, warn=False)
+    x_ref, info = cg(lambda v: A @ v, b)
+    torch.testing.assert_close(cg.solve_fixed(lambda v: A @ v, b), x_ref, rtol=1e-12, atol=1e-12)
+    assert info.iterations == min(max_iter, info.iterations)
+
+
+def test_branch_free_cg_freezes_at_negative_curvature_like_the_reference():
+    A = torch.diag(torch.tensor([2.0, -1.0, 3.0]))
+    cg = bl.linalg.CG(max_iter=5)
+    with pytest.warns(bl.ConvergenceWarning, match="p\\^T A p <= 0"):
+        x_ref, _ = cg(lambda v: A @ v, torch.ones(3))
+    torch.testing.assert_close(cg.solve_fixed(lambda v: A @ v, torch.ones(3)), x_ref)
+
+
+@pytest.mark.parametrize("name, options", [("cg", {"max_iter": 12}), ("neumann", {"max_iter": 400, "step_size": 0.05})])
+def test_linear_solvers_under_vmap(name, options):
+    As = torch.stack([bl.testing.random_spd(6, 10.0, seed=i) for i in range(4)])
+    bs = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    solver = bl.linalg.get(name, **options)
+    assert solver.vmappable
+    xs = torch.func.vmap(lambda A, b: solver(lambda v: A @ v, b)[0])(As, bs)
+    torch.testing.assert_close(xs, torch.linalg.solve(As, bs), rtol=1e-8, atol=1e-8)
+
+
+def test_neumann_with_power_iteration_refuses_vmap():
+    solver = bl.linalg.get("neumann")
+    assert not solver.vmappable
+    with pytest.raises(RuntimeError, match="cannot run inside torch.func.vmap"):
+        torch.func.vmap(lambda b: solver(lambda v: 2.0 * v, b)[0])(torch.ones(3, 2))
