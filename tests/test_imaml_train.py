@@ -1,0 +1,229 @@
+"""The few-shot application: algorithms lower the meta-loss, vmap equals the loop, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+
+from applications.imaml.algorithms import ALGORITHMS, AlgorithmConfig, MetaLearner, TaskBatch
+from applications.imaml.configs import CONFIGS, PAPER_TABLE2, ExperimentConfig, get_config
+from applications.imaml.data import EpisodeSampler
+from applications.imaml.model import ConvNet, init_params
+from applications.imaml.train import Trainer, atomic_save, confidence_interval
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the application runs in float32, like on a GPU
+    yield
+    torch.set_default_dtype(old)
+
+
+def class_pool(n_classes=12, per_class=6, seed=0) -> torch.Tensor:
+    """Generated 'characters': each class a random stroke pattern, its drawings noisy copies (uint8)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(n_classes, 1, 1, 28, 28, generator=g) > 0.7).float()
+    noise = (torch.rand(n_classes, per_class, 1, 28, 28, generator=g) > 0.9).float()
+    return ((protos + noise).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def fixed_batch(n_way=3, k_shot=1, k_query=2, tasks=2, seed=0) -> TaskBatch:
+    ep = EpisodeSampler(class_pool(seed=seed), n_way=n_way, k_shot=k_shot, k_query=k_query, seed=seed).sample(tasks)
+    return TaskBatch(ep.support_x, ep.support_y, ep.query_x, ep.query_y)
+
+
+def small_config(name: str, **extra) -> AlgorithmConfig:
+    options = {"inner_steps": 3, "inner_lr": 0.1, "hf_iterations": 2}
+    options.update(extra)
+    return AlgorithmConfig(name, **options)
+
+
+def query_loss_after_adaptation(learner, theta, batch) -> float:
+    total = 0.0
+    for i in range(len(batch)):
+        xs, ys, xq, yq = batch.task(i)
+        phi = learner.adapt(theta, xs, ys)
+        total += float(torch.nn.functional.cross_entropy(learner.logits(phi, xq), yq))
+    return total / len(batch)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_one_meta_step_lowers_the_meta_training_loss(name):
+    net = ConvNet(3)
+    theta = init_params(net, seed=1)
+    learner = MetaLearner(net, small_config(name, vmap=False))
+    batch = fixed_batch()
+    before = query_loss_after_adaptation(learner, theta, batch)
+    stats = learner.meta_gradient(theta, batch)
+    assert set(stats) == {"query_loss", "query_accuracy", "negative_curvature"}
+    grads = [t.grad for t in theta.values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():  # a plain gradient step along the meta-gradient
+        for t in theta.values():
+            t -= 0.005 * t.grad / max(1.0, float(torch.stack([g.norm() for g in grads]).norm()))
+    after = query_loss_after_adaptation(learner, theta, batch)
+    assert after < before, f"{name}: meta-training loss went from {before:.4f} to {after:.4f}"
+
+
+def test_vmap_path_gives_the_loop_meta_gradient():
+    net = ConvNet(3)
+    batch = fixed_batch(tasks=3)
+    grads = {}
+    for vmap in (False, True):
+        theta = init_params(net, seed=2)
+        stats = MetaLearner(net, small_config("imaml_gd", vmap=vmap)).meta_gradient(theta, batch)
+        grads[vmap] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats)
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=2e-4, atol=2e-6)
+    assert grads[True][1]["query_loss"] == pytest.approx(grads[False][1]["query_loss"], rel=1e-5)
+
+
+def test_learned_per_parameter_lam_gets_a_gradient():
+    net = ConvNet(3)
+    theta = init_params(net, seed=3)
+    log_lam = {k: torch.zeros_like(v).requires_grad_(True) for k, v in theta.items()}
+    MetaLearner(net, small_config("imaml_gd", learn_lam=True)).meta_gradient(theta, fixed_batch(), log_lam)
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in log_lam.values())
+    assert float(sum(v.grad.abs().sum() for v in log_lam.values())) > 0
+
+
+def test_algorithm_config_validation():
+    with pytest.raises(ValueError, match="unknown algorithm 'imaml'; available: imaml_gd"):
+        AlgorithmConfig("imaml")
+    with pytest.raises(ValueError, match="cg_steps must be a positive int"):
+        AlgorithmConfig("imaml_gd", cg_steps=0)
+    with pytest.raises(ValueError, match="lam must be a positive number"):
+        AlgorithmConfig("imaml_gd", lam=-1.0)
+
+
+def test_every_table2_row_has_a_config_and_a_paper_number():
+    for (algo, n_way, k_shot) in PAPER_TABLE2:
+        suffix = {"imaml_gd": "gd", "imaml_hf": "hf"}.get(algo, algo)
+        config = get_config(f"omniglot-{n_way}w{k_shot}s-{suffix}")
+        assert (config.algorithm["name"], config.n_way, config.k_shot) == (algo, n_way, k_shot)
+    assert get_config("omniglot-20w1s-gd").algorithm["inner_steps"] == 25
+    assert get_config("omniglot-5w5s-gd").algorithm["inner_steps"] == 16
+    with pytest.raises(ValueError, match="unknown config 'x'; available:"):
+        get_config("x")
+
+
+def test_confidence_interval():
+    mean, ci = confidence_interval(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert mean == pytest.approx(50.0)
+    assert ci == pytest.approx(1.96 * 57.735 / 2, rel=1e-4)
+
+
+# --- the trainer: checkpoints, resume, interruption ---------------------------------------------
+
+
+def make_trainer(out, steps=4, **algo):
+    config = ExperimentConfig(n_way=3, k_shot=1, k_query=2, meta_batch=2, meta_steps=steps, eval_episodes=6,
+                              eval_every=0, checkpoint_every=2,
+                              algorithm={"name": "imaml_gd", "inner_steps": 2, "vmap": False, **algo})
+    pool = class_pool()
+    train = EpisodeSampler(pool[:8], n_way=3, k_shot=1, k_query=2, seed=5)
+    test = EpisodeSampler(pool[8:], n_way=3, k_shot=1, k_query=2, seed=6)
+    return Trainer(config, out, train, test, progress=False)
+
+
+def params(trainer):
+    return torch.cat([v.detach().reshape(-1) for v in trainer.theta.values()])
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = make_trainer(tmp_path / "a")
+    straight.train()
+    first = make_trainer(tmp_path / "b")
+    first.train(steps=2)
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
+    second = make_trainer(tmp_path / "b")
+    second.resume()
+    assert second.step == 2
+    second.train()
+    torch.testing.assert_close(params(second), params(straight), rtol=0, atol=0)
+    assert [r["query_loss"] for r in second.history] == [r["query_loss"] for r in straight.history]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "a" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
+    straight = make_trainer(tmp_path / "a")
+    straight.train()
+    interrupted = make_trainer(tmp_path / "b")
+
+    def stop_at_3(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(on_step=stop_at_3)
+    resumed = make_trainer(tmp_path / "b")
+    resumed.resume()
+    assert resumed.step == 3
+    resumed.train()
+    torch.testing.assert_close(params(resumed), params(straight), rtol=0, atol=0)
+
+
+def test_resume_refuses_another_config_and_a_missing_checkpoint(tmp_path):
+    make_trainer(tmp_path / "a").train(steps=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        make_trainer(tmp_path / "a", lam=3.0).resume()
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        make_trainer(tmp_path / "empty").resume()
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_final_evaluation_writes_a_summary(tmp_path):
+    trainer = make_trainer(tmp_path / "a", steps=2)
+    trainer.train()
+    res = trainer.final_evaluation()
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["episodes"] == res.episodes == 6
+    assert 0.0 <= summary["accuracy"] <= 100.0 and summary["paper"] is None  # no 3-way row in Table 2
+
+
+def test_cli_lists_configs(capsys):
+    from applications.imaml.__main__ import main
+
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in CONFIGS)
+
+
+REAL_OMNIGLOT = pathlib.Path(os.environ.get("BILEVEL_OMNIGLOT", ROOT.parent / "shared" / "data" / "omniglot"))
+
+
+def test_cli_train_and_evaluate_on_real_omniglot(tmp_path, capsys):
+    if not (REAL_OMNIGLOT / "images_background.zip").exists():
+        pytest.skip(f"real Omniglot not found at {REAL_OMNIGLOT} (set BILEVEL_OMNIGLOT to run this test)")
+    from applications.imaml.__main__ import main
+
+    args = ["--data-dir", str(REAL_OMNIGLOT), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(["train", "--config", "omniglot-5w1s-gd-cpu", "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--meta-batch", "2", "--eval-episodes", "10", *args]) == 0
+    out = capsys.readouterr().out
+    assert "omniglot-5w1s-gd-cpu" in out and "99.16 +- 0.35%" in out
+    assert main(["evaluate", "--out", str(tmp_path / "run"), "--episodes", "10", *args]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["episodes"] == 10
