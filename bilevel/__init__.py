@@ -8,7 +8,7 @@
     outer_loss(phi).backward()                         # theta.grad via the implicit function theorem
 """
 
-from . import linalg, solvers, testing, tree, unrolled
+from . import bounds, linalg, solvers, testing, tree, unrolled
 from ._checks import ConvergenceError, ConvergenceWarning
 from .implicit import ImplicitInfo, argmin, hypergradient, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
@@ -32,6 +32,7 @@ __all__ = [
     "LinearSolveStatus",
     "ConvergenceWarning",
     "ConvergenceError",
+    "bounds",
     "linalg",
     "solvers",
     "testing",

@@ -35,6 +35,7 @@ __all__ = [
     "same_structure",
 ]
 
+#: A parameter tree: a tensor, or a dict / list / tuple of (nested) tensors.
 Tree = Union[torch.Tensor, dict, list, tuple]
 
 

@@ -119,3 +119,44 @@ def test_neumann_with_power_iteration_refuses_vmap():
     assert not solver.vmappable
     with pytest.raises(RuntimeError, match="cannot run inside torch.func.vmap"):
         torch.func.vmap(lambda b: solver(lambda v: 2.0 * v, b)[0])(torch.ones(3, 2))
+
+
+def test_damping_solves_the_shifted_system_and_defines_an_indefinite_case():
+    A = torch.diag(torch.tensor([2.0, -0.5, 3.0]))
+    b = torch.ones(3)
+    x, info = bl.linalg.get("cg", damping=1.0)(lambda v: A @ v, b)
+    assert info.converged
+    torch.testing.assert_close(x, b / torch.tensor([3.0, 0.5, 4.0]))
+    x, info = bl.linalg.get("neumann", damping=1.0, step_size=0.2, max_iter=500)(lambda v: A @ v, b)
+    torch.testing.assert_close(x, b / torch.tensor([3.0, 0.5, 4.0]))
+    with pytest.raises(ValueError, match="Invalid damping"):
+        bl.linalg.get("cg", damping=-1.0)
+
+
+def test_damped_hypergradient_equals_a_larger_lam_in_the_backward_only():
+    ref = bl.testing.proximal_quadratic(dim=8, lam=2.0, condition_number=5.0, seed=1)
+    phi = ref.solution()
+    g_damped, _ = bl.hypergradient(ref.problem, ref.outer, ref.theta, phi, ref.data,
+                                   linear_solver=bl.linalg.get("cg", damping=0.5, tol=1e-13))
+    grad_f = torch.func.grad(lambda p: ref.outer(p, ref.theta))(phi)
+    expected = 2.0 * torch.linalg.solve(ref.data["A"] + 2.5 * torch.eye(8), grad_f)
+    torch.testing.assert_close(g_damped, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_hypergradient_under_vmap_matches_the_loop():
+    refs = [bl.testing.ridge_regression(seed=s) for s in range(3)]
+    X = torch.stack([r.data["X"] for r in refs])
+    y = torch.stack([r.data["y"] for r in refs])
+    problem, theta = refs[0].problem, refs[0].theta
+    solver = bl.solvers.get("gd", step_size=0.002, max_iter=300, tol=0.0)
+    linear = bl.linalg.get("cg", max_iter=20, tol=0.0)
+
+    def one(X, y):
+        data = {"X": X, "y": y}
+        phi = bl.solve(problem, theta, data, solver=solver, phi0=torch.zeros(8)).phi
+        return bl.hypergradient(problem, lambda w, t: (w ** 2).sum() + t.sum(), theta, phi, data,
+                                linear_solver=linear)[0]
+
+    batched = torch.func.vmap(one)(X, y)
+    loop = torch.stack([one(X[i], y[i]) for i in range(3)])
+    torch.testing.assert_close(batched, loop, rtol=1e-10, atol=1e-12)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -75,8 +75,9 @@ class AlgorithmConfig:
     vmap:
         Process the tasks of a meta-batch together with :func:`torch.func.vmap` where possible.
     damping:
-        Added to ``lam`` in the backward linear system only (``(H + (lam + damping) I) v = g``):
-        a remedy for an indefinite inner Hessian early in training. 0 disables it.
+        Tikhonov damping of the backward linear system only, ``(H_G + damping I) v = g``
+        (:class:`bilevel.linalg.CG`'s ``damping``): a remedy for an indefinite inner
+        Hessian early in training, at the price of a biased meta-gradient. 0 disables it.
     """
 
     name: str
@@ -89,7 +90,6 @@ class AlgorithmConfig:
     learn_lam: bool = False
     vmap: bool = True
     damping: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in ALGORITHMS:
@@ -140,7 +140,7 @@ class MetaLearner:
         c = config
         self.inner_gd = bl.solvers.get("gd", step_size=c.inner_lr, max_iter=c.inner_steps, tol=0.0)
         self.inner_hf = bl.solvers.get("newton_cg", max_iter=c.hf_iterations, cg_max_iter=c.hf_cg_steps, tol=0.0)
-        self.linear = bl.linalg.get("cg", max_iter=c.cg_steps, tol=0.0)
+        self.linear = bl.linalg.get("cg", max_iter=c.cg_steps, tol=0.0, damping=c.damping)
 
     # -- the task loss and problems --------------------------------------------------------------
     def logits(self, phi: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -217,14 +217,11 @@ class MetaLearner:
         if c.name in ("imaml_gd", "imaml_hf"):
             problem = self.proximal_problem(self.lam_value(log_lam))
             solver = self.inner_gd if c.name == "imaml_gd" else self.inner_hf
-            return bl.argmin(problem, theta, data, solver=solver, linear_solver=self._linear_for(problem))
+            return bl.argmin(problem, theta, data, solver=solver, linear_solver=self.linear)
         if c.name == "maml":
             return bl.unrolled.maml(self.plain_problem(), theta, data, step_size=c.inner_lr, num_steps=c.inner_steps)
         return bl.unrolled.first_order_maml(self.plain_problem(), theta, data, step_size=c.inner_lr,
                                             num_steps=c.inner_steps)
-
-    def _linear_for(self, problem):
-        return self.linear
 
     def _imaml_vmap(self, theta: dict[str, torch.Tensor], batch: TaskBatch) -> dict[str, float]:
         """All tasks at once: ``torch.func.vmap`` over solve + implicit hypergradient (forward-over-reverse HVPs)."""
@@ -247,4 +244,5 @@ class MetaLearner:
         for k, t in theta.items():
             g = grads[k].mean(0)
             t.grad = g if t.grad is None else t.grad + g
-        return {"query_loss": float(losses.mean()), "query_accuracy": float(accs.mean()), "negative_curvature": -1}
+        # CG cannot report negative curvature from inside vmap (no read-backs): None = not measured
+        return {"query_loss": float(losses.mean()), "query_accuracy": float(accs.mean()), "negative_curvature": None}

@@ -15,6 +15,7 @@ from .._registry import Registry
 
 __all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec", "register", "get", "available"]
 
+#: A matrix-vector product ``v -> A v`` on 1-D tensors.
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -114,14 +115,20 @@ class LinearSolver:
         Emit a :class:`bilevel.ConvergenceWarning` when the solve does not
         converge. Set ``False`` (or ``tol=0``) when a fixed, truncated budget
         is intended (breakdowns such as negative curvature warn regardless).
+    damping:
+        ``>= 0``: solve ``(A + damping I) x = b`` instead (Tikhonov damping).
+        A remedy when ``A`` (the inner Hessian) is indefinite or nearly
+        singular, at the price of a bias of order ``damping / lambda_min``.
+        Residuals and ``converged`` refer to the damped system. Default 0.
     """
 
     name = "linear_solver"
 
-    def __init__(self, *, max_iter: int = 100, tol: float = 1e-10, warn: bool = True):
+    def __init__(self, *, max_iter: int = 100, tol: float = 1e-10, warn: bool = True, damping: float = 0.0):
         self.max_iter = check_positive_int(max_iter, "max_iter")
         self.tol = check_nonneg_float(tol, "tol")
         self.warn = bool(warn)
+        self.damping = check_nonneg_float(damping, "damping")
 
     def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None) -> tuple[torch.Tensor, LinearSolveInfo]:
         raise NotImplementedError
@@ -149,6 +156,12 @@ class LinearSolver:
                              f"flatten it with bilevel.tree.flatten.")
         if x0 is not None and x0.shape != b.shape:
             raise ValueError(f"x0 has shape {tuple(x0.shape)} but b has {tuple(b.shape)}; pass x0 like b.")
+        if self.damping:
+            undamped = matvec
+
+            def matvec(v, _m=undamped, _d=self.damping):
+                return _m(v) + _d * v
+
         if in_transform():
             x = self.solve_fixed(matvec, b, x0)
             nan = float("nan")
@@ -169,7 +182,10 @@ class LinearSolver:
         return x, info
 
     def _options(self) -> dict[str, Any]:
-        return {"max_iter": self.max_iter, "tol": self.tol, "warn": self.warn}
+        opts = {"max_iter": self.max_iter, "tol": self.tol, "warn": self.warn}
+        if self.damping:
+            opts["damping"] = self.damping
+        return opts
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())

@@ -22,6 +22,8 @@ class CG(LinearSolver):
     warn:
         Warn when ``max_iter`` is reached first (negative curvature and
         non-finite values always warn).
+    damping:
+        Solve ``(A + damping I) x = b`` (see :class:`LinearSolver`). Default 0.
 
     Notes
     -----

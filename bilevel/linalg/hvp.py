@@ -20,6 +20,7 @@ import torch
 
 __all__ = ["HVP_MODES", "DEFAULT_HVP_MODE", "Linearization", "hvp"]
 
+#: The two ways of computing Hessian-vector products.
 HVP_MODES = ("reverse", "forward")
 #: Chosen by ``benchmarks/hvp_modes.py``: on CPU, for one task, reverse-over-reverse
 #: with the graph reused across products was faster (see benchmarks/README.md).
@@ -39,15 +40,12 @@ class Linearization:
     ``y`` the flat outer variable (``theta``) and ``extra`` a list of further
     tensors (hyper-parameters such as a learned ``lam``).
 
-    Methods
-    -------
-    hvp(v):
-        ``d2G/dx2 @ v``.
-    mixed_vjp(v):
-        ``[d/dy <grad_x G, v>, d/dextra <grad_x G, v>]``: the mixed second
-        derivatives applied to ``v`` (zeros where ``G`` does not depend on them).
+    Attributes
+    ----------
     grad:
         ``grad_x G`` at the point (detached).
+    count:
+        Hessian-vector products performed so far.
     """
 
     def __init__(self, fn: Callable, x: torch.Tensor, y: torch.Tensor, extra: Sequence[torch.Tensor] = (),

@@ -33,6 +33,8 @@ class Neumann(LinearSolver):
         this multiple of the initial one. Default 10.
     warn:
         Warn when ``max_iter`` is reached first.
+    damping:
+        Solve ``(A + damping I) x = b`` (see :class:`LinearSolver`).
 
     Notes
     -----
@@ -50,8 +52,8 @@ class Neumann(LinearSolver):
     """
 
     def __init__(self, *, max_iter: int = 100, tol: float = 1e-10, step_size: float | None = None,
-                 power_iters: int = 20, divergence_factor: float = 10.0, warn: bool = True):
-        super().__init__(max_iter=max_iter, tol=tol, warn=warn)
+                 power_iters: int = 20, divergence_factor: float = 10.0, warn: bool = True, damping: float = 0.0):
+        super().__init__(max_iter=max_iter, tol=tol, warn=warn, damping=damping)
         self.step_size = None if step_size is None else check_nonneg_float(step_size, "step_size", positive=True)
         self.power_iters = check_positive_int(power_iters, "power_iters")
         self.divergence_factor = check_nonneg_float(divergence_factor, "divergence_factor", positive=True)

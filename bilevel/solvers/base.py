@@ -381,7 +381,8 @@ class CallableSolver(Solver):
 
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
         phi0 = fun.unflatten(x0.detach().clone())
-        out = self.fn(fun.problem, fun.theta, fun.data, phi0)
+        with torch.enable_grad():  # the user's code may use autograd, also inside bl.argmin's forward
+            out = self.fn(fun.problem, fun.theta, fun.data, phi0)
         iterations, history = 0, {}
         if isinstance(out, SolveResult):
             iterations, history, out = out.iterations, out.history, out.phi
