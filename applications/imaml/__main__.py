@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--meta-batch", type=int, default=None, help="override the config's meta_batch")
     tr.add_argument("--eval-episodes", type=int, default=None, help="override the config's eval_episodes")
     tr.add_argument("--no-vmap", action="store_true", help="loop over the tasks of a meta-batch")
+    for flag, kind, text in (("--lam", float, "proximal strength"), ("--inner-steps", int, "inner GD steps"),
+                             ("--inner-lr", float, "inner step size"), ("--cg-steps", int, "CG steps of the backward"),
+                             ("--damping", float, "damping of the backward linear system")):
+        tr.add_argument(flag, type=kind, default=None, help=f"override the config's {text}")
     tr.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     _add_common(tr)
 
@@ -109,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             changes["meta_batch"] = args.meta_batch
         if args.eval_episodes is not None:
             changes["eval_episodes"] = args.eval_episodes
+        algo = {key: getattr(args, key) for key in ("lam", "inner_steps", "inner_lr", "cg_steps", "damping")
+                if getattr(args, key) is not None}
         if args.no_vmap:
-            changes["algorithm"] = {"vmap": False}
+            algo["vmap"] = False
+        if algo:
+            changes["algorithm"] = algo
         config = config.replace(**changes) if changes else config
         name = args.config
     else:
@@ -128,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         if args.resume:
             trainer.resume()
+        elif trainer.checkpoint_path.exists():
+            logging.getLogger(__name__).warning(
+                "%s holds an earlier run: starting over and replacing it (pass --resume to continue it)", args.out)
+            (Path(args.out) / "metrics.jsonl").unlink(missing_ok=True)
         try:
             trainer.train()
         except KeyboardInterrupt:

@@ -78,6 +78,12 @@ class AlgorithmConfig:
         Tikhonov damping of the backward linear system only, ``(H_G + damping I) v = g``
         (:class:`bilevel.linalg.CG`'s ``damping``): a remedy for an indefinite inner
         Hessian early in training, at the price of a biased meta-gradient. 0 disables it.
+    negative_curvature:
+        What a task's meta-gradient is when CG meets negative curvature (the inner Hessian
+        is indefinite at ``phi``): ``"first_order"`` (default) uses ``grad_phi L_query``, i.e.
+        ``(I + H/lam)^{-1}`` replaced by ``I`` for that task; ``"truncate"`` keeps CG's last
+        iterate (bilevel's behaviour). Measured in ``applications/imaml/README.md``; the
+        vmap path cannot branch per task and always truncates.
     """
 
     name: str
@@ -90,6 +96,7 @@ class AlgorithmConfig:
     learn_lam: bool = False
     vmap: bool = True
     damping: float = 0.0
+    negative_curvature: str = "first_order"
 
     def __post_init__(self) -> None:
         if self.name not in ALGORITHMS:
@@ -102,6 +109,8 @@ class AlgorithmConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{key} must be a positive number, got {value!r}.")
+        if self.negative_curvature not in ("first_order", "truncate"):
+            raise ValueError(f"negative_curvature must be 'first_order' or 'truncate', got {self.negative_curvature!r}.")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}.")
 
@@ -201,6 +210,9 @@ class MetaLearner:
                     for k, t in theta.items():  # Reptile's direction theta - phi, used as a gradient
                         t.grad = (t.grad if t.grad is not None else torch.zeros_like(t)) + (t.detach() - phi[k]) / n
                     logits = self.logits(phi, xq)
+                elif c.name == "imaml_gd" and log_lam is None and c.negative_curvature == "first_order":
+                    logits, negative = self._imaml_task(theta, xs, ys, xq, yq, n)
+                    stats["negative_curvature"] += int(negative)
                 else:
                     phi = self._differentiable_phi(theta, xs, ys, log_lam)
                     logits = self.logits(phi, xq)
@@ -210,6 +222,27 @@ class MetaLearner:
                 stats["query_loss"] += float(F.cross_entropy(logits, yq)) / n
                 stats["query_accuracy"] += float((logits.argmax(-1) == yq).float().mean()) / n
         return stats
+
+    def _imaml_task(self, theta, xs, ys, xq, yq, n):
+        """One task's iMAML meta-gradient with the first-order fallback at negative curvature."""
+        problem = self.proximal_problem(float(self.config.lam))
+        detached = {k: v.detach() for k, v in theta.items()}
+        data = (xs, ys)
+        phi = bl.solve(problem, detached, data, solver=self.inner_gd).phi
+
+        def outer(p, t):
+            return F.cross_entropy(self.logits(p, xq), yq)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bl.ConvergenceWarning)  # reported through info.status instead
+            grad, info = bl.hypergradient(problem, outer, detached, phi, data, linear_solver=self.linear)
+        negative = info.status is bl.LinearSolveStatus.NEGATIVE_CURVATURE
+        if negative:  # (I + H/lam)^-1 ~ I: the first-order (FOMAML) direction grad_phi L_query
+            grad = torch.func.grad(outer)(phi, detached)
+        for k, t in theta.items():
+            t.grad = grad[k] / n if t.grad is None else t.grad + grad[k] / n
+        with torch.no_grad():
+            return self.logits(phi, xq), negative
 
     def _differentiable_phi(self, theta, xs, ys, log_lam):
         c = self.config
