@@ -229,3 +229,29 @@ def test_cli_train_and_evaluate_on_real_omniglot(tmp_path, capsys):
     assert "omniglot-5w1s-gd-cpu" in out and "99.16 +- 0.35%" in out
     assert main(["evaluate", "--out", str(tmp_path / "run"), "--episodes", "10", *args]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["episodes"] == 10
+
+
+def test_negative_curvature_falls_back_to_the_first_order_direction(monkeypatch):
+    import bilevel as bl
+    from applications.imaml import algorithms
+
+    net = ConvNet(3)
+    batch = fixed_batch(tasks=1)
+    real = bl.hypergradient
+
+    def indefinite(*args, **kwargs):  # the backward reports negative curvature for every task
+        g, info = real(*args, **kwargs)
+        info.status = bl.LinearSolveStatus.NEGATIVE_CURVATURE
+        return g, info
+
+    monkeypatch.setattr(algorithms.bl, "hypergradient", indefinite)
+    theta = init_params(net, seed=4)
+    stats = MetaLearner(net, small_config("imaml_gd", vmap=False)).meta_gradient(theta, batch)
+    assert stats["negative_curvature"] == 1
+    learner = MetaLearner(net, small_config("imaml_gd", vmap=False))
+    xs, ys, xq, yq = batch.task(0)
+    phi = bl.solve(learner.proximal_problem(2.0), {k: v.detach() for k, v in init_params(net, seed=4).items()},
+                   (xs, ys), solver=learner.inner_gd).phi
+    expected = torch.func.grad(lambda p: torch.nn.functional.cross_entropy(learner.logits(p, xq), yq))(phi)
+    for k, t in theta.items():
+        torch.testing.assert_close(t.grad, expected[k])
