@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,8 +31,11 @@ from torch import nn
 
 import bilevel as bl
 
-__all__ = ["Task", "mlp_task", "convnet_task", "resolve_device", "Stopwatch", "median_time", "environment",
-           "write_json", "CPU_TIME_NOTE"]
+__all__ = ["Task", "mlp_task", "convnet_task", "resolve_device", "Stopwatch", "robust_clock", "time_calls",
+           "environment", "write_json", "display_path", "CPU_TIME_NOTE", "RESULTS_DIR"]
+
+#: Default output folder: ``benchmarks/results`` next to this file, whatever the working directory.
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 #: Printed and stored with every CPU timing.
 CPU_TIME_NOTE = ("CPU timings are reported as ratios only: absolute CPU times depend on the machine and its "
@@ -69,12 +71,17 @@ class Task:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``"auto"`` / ``None``: CUDA when available, else CPU; anything else as given to :class:`torch.device`."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+    """``"auto"`` / ``None``: CUDA when available, else CPU; anything else as given to :class:`torch.device`.
+
+    A CUDA device with an index becomes the current one, so that CUDA events and streams refer to it.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") \
+        else torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+        if device.index is not None:
+            torch.cuda.set_device(device)
     return device
 
 
@@ -147,47 +154,71 @@ def convnet_task(device: torch.device, *, seed: int = 0, ways: int = 20, shots: 
 
 
 class Stopwatch:
-    """Wall-clock timing of a region: CUDA events on a CUDA device, ``time.perf_counter`` otherwise.
+    """Time a region: wall clock (CUDA events on a CUDA device) and, on the host, the process CPU time.
+
+    Attributes
+    ----------
+    seconds:
+        Wall-clock seconds (from CUDA events on a CUDA device).
+    cpu_seconds:
+        CPU seconds of this process over the region (``time.process_time``;
+        ``nan`` on a CUDA device). For a single-threaded run on a shared
+        machine this is the robust figure: other processes' load does not
+        inflate it, while it inflates the wall clock.
 
     Examples
     --------
     >>> sw = Stopwatch(torch.device("cpu"))
     >>> with sw:
     ...     _ = sum(range(10))
-    >>> sw.seconds >= 0
+    >>> sw.seconds >= 0 and sw.cpu_seconds >= 0
     True
     """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
-        self.seconds = float("nan")
+        self.seconds = self.cpu_seconds = float("nan")
 
     def __enter__(self) -> "Stopwatch":
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self._start.record()
         else:
-            self._t0 = time.perf_counter()
+            self._c0, self._t0 = time.process_time(), time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             self._end.record()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             self.seconds = self._start.elapsed_time(self._end) / 1e3
         else:
             self.seconds = time.perf_counter() - self._t0
+            self.cpu_seconds = time.process_time() - self._c0
 
 
-def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, list[float]]:
-    """Median and list of the wall-clock times of ``repeats`` calls of ``fn`` (no warm-up here)."""
-    times = []
+def robust_clock(device: torch.device) -> str:
+    """The clock whose ratios a benchmark should report: ``"cpu"`` or ``"wall"``.
+
+    Process CPU time on the host when torch runs one thread (immune to other
+    load on a shared machine); the wall clock otherwise (with several threads
+    the CPU time also counts the threads' spin-waiting; on CUDA it is
+    meaningless).
+    """
+    return "cpu" if device.type != "cuda" and torch.get_num_threads() == 1 else "wall"
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Time ``repeats`` calls of ``fn`` (no warm-up here): ``{"wall": [...], "cpu": [...]}`` in seconds."""
+    times: dict[str, list[float]] = {"wall": [], "cpu": []}
     for _ in range(repeats):
         with Stopwatch(device) as sw:
             fn()
-        times.append(sw.seconds)
-    return statistics.median(times), times
+        times["wall"].append(sw.seconds)
+        times["cpu"].append(sw.cpu_seconds)
+    return times
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -212,3 +243,9 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute (for messages)."""
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel.startswith("..") else rel

@@ -620,6 +620,7 @@ class _Argmin(torch.autograd.Function):
         vjp, hyper_grads, info = _core(cfg.problem, theta_flat, cfg.theta_spec, phi_flat, ctx.phi_spec, cfg.data,
                                        cot_flat, cfg.linear_solver, cfg.hvp, hyper)
         cfg.backward_info = info
+        cfg.result.backward = info
         theta_grads = [g.view_as(t) for g, t in zip(torch.split(vjp, list(cfg.theta_spec.numels)), theta_leaves)]
         return (None, *theta_grads, *hyper_grads)
 

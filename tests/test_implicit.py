@@ -243,3 +243,14 @@ def test_float32_and_dtype_preserved():
     ref.outer(phi, theta).backward()
     assert theta.grad.dtype == torch.float32
     assert rel_err(theta.grad.double(), ref.hypergradient().double()) < 1e-3
+
+
+def test_full_output_exposes_the_backward_diagnostics(f1):
+    theta = f1.theta.clone().requires_grad_(True)
+    phi, result = bl.argmin(f1.problem, theta, f1.data, solver=tight(),
+                            linear_solver=bl.linalg.get("cg", max_iter=5, tol=0.0), full_output=True)
+    assert result.backward is None
+    f1.outer(phi, theta).backward()
+    assert isinstance(result.backward, bl.ImplicitInfo)
+    assert result.backward.iterations == 5 and result.backward.hvps == 5
+    assert result.backward.status is bl.LinearSolveStatus.MAX_ITER

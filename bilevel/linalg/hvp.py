@@ -14,6 +14,7 @@ Two modes, both exact:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -72,7 +73,9 @@ class Linearization:
             self.grad = g.detach()
         else:
             self._gradfn = torch.func.grad(fn, argnums=0)
-            self.grad = self._gradfn(self.x, self.y, self.extra).detach()
+            with warnings.catch_warnings():  # torch's first forward-mode call emits an internal deprecation
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+                self.grad = self._gradfn(self.x, self.y, self.extra).detach()
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``d2G/dx2 @ v`` (1-D, like ``x``)."""

@@ -101,6 +101,10 @@ class SolveResult:
     stats:
         Work counters: ``nfev`` (objective values), ``ngev`` (gradients),
         ``nhvp`` (Hessian-vector products).
+    backward:
+        For a result from ``bl.argmin(..., full_output=True)``: the
+        :class:`bilevel.ImplicitInfo` of the implicit backward pass once it
+        has run (HVPs spent, linear-solve status), else ``None``.
     """
 
     phi: Any
@@ -113,6 +117,7 @@ class SolveResult:
     value: float = float("nan")
     solver: str = ""
     stats: dict[str, int] = field(default_factory=dict)
+    backward: Any = None
 
     def raise_if_failed(self) -> "SolveResult":
         """Raise :class:`bilevel.ConvergenceError` unless the solve converged; return ``self``."""
