@@ -76,6 +76,8 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 import torch
 
+from .io import atomic_save as _atomic_torch_save
+
 __all__ = [
     "DatasetError",
     "default_cache_dir",
@@ -208,27 +210,6 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it into place.
-
-    Readers see either the old file or the complete new one, never a partial
-    write; on any failure the temporary file is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _write_cache(obj: dict, path: Path) -> bool:

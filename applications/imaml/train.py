@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,35 +15,12 @@ import torch
 
 from .algorithms import AlgorithmConfig, MetaLearner, TaskBatch
 from .configs import PAPER_TABLE2, ExperimentConfig
+from .io import atomic_save, atomic_write_text
 from .model import ConvNet, init_params
 
 __all__ = ["Trainer", "evaluate", "confidence_interval", "atomic_save", "EvalResult"]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _interrupt(signum, frame):
@@ -282,7 +257,7 @@ class Trainer:
         paper = PAPER_TABLE2.get((c.algorithm["name"], c.n_way, c.k_shot)) if c.dataset == "omniglot" else None
         summary = {"config": c.to_dict(), "steps": self.step, "accuracy": res.accuracy, "ci95": res.ci95,
                    "episodes": res.episodes, "paper": paper}
-        _atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+        atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
         return res
 
 

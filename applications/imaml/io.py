@@ -1,0 +1,44 @@
+"""Atomic file writes: a crash or a full disk never leaves half a checkpoint or cache file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_save", "atomic_write_text"]
+
+
+def _atomic(path: Path, mode: str, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it into place.
+
+    Readers see either the old file or the complete new one; on any failure the
+    temporary file is removed.
+    """
+    _atomic(Path(path), "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` atomically (same guarantee as :func:`atomic_save`)."""
+    _atomic(Path(path), "w", lambda f: f.write(text))
