@@ -255,3 +255,18 @@ def test_negative_curvature_falls_back_to_the_first_order_direction(monkeypatch)
     expected = torch.func.grad(lambda p: torch.nn.functional.cross_entropy(learner.logits(p, xq), yq))(phi)
     for k, t in theta.items():
         torch.testing.assert_close(t.grad, expected[k])
+
+
+def test_vmap_and_loop_agree_when_tasks_meet_negative_curvature():
+    torch.set_default_dtype(torch.float64)
+    net = ConvNet(3)
+    b = fixed_batch(tasks=4, seed=3)
+    batch = TaskBatch(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y)
+    results = {}
+    for vmap in (False, True):
+        theta = init_params(net, seed=7)
+        learner = MetaLearner(net, small_config("imaml_gd", vmap=vmap, lam=0.01, inner_steps=1, inner_lr=0.5))
+        stats = learner.meta_gradient(theta, batch)
+        results[vmap] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats["negative_curvature"])
+    assert results[False][1] == results[True][1] > 0, results
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-8, atol=1e-10)

@@ -160,3 +160,10 @@ def test_hypergradient_under_vmap_matches_the_loop():
     batched = torch.func.vmap(one)(X, y)
     loop = torch.stack([one(X[i], y[i]) for i in range(3)])
     torch.testing.assert_close(batched, loop, rtol=1e-10, atol=1e-12)
+
+
+def test_cg_under_vmap_flags_negative_curvature_per_system():
+    As = torch.stack([torch.diag(torch.tensor([2.0, 1.0, 3.0])), torch.diag(torch.tensor([2.0, -1.0, 3.0]))])
+    flags = torch.func.vmap(lambda A: bl.linalg.get("cg", max_iter=5)(lambda v: A @ v, torch.ones(3))[1]
+                            .extra["negative_curvature"])(As)
+    assert flags.tolist() == [False, True]

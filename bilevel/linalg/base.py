@@ -138,11 +138,15 @@ class LinearSolver:
         """Whether the solver, as configured, can run inside :func:`torch.func.vmap` (see :meth:`solve_fixed`)."""
         return False
 
-    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None,
+                    flags: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``max_iter`` iterations with no value read back to Python: vmap-safe, no GPU synchronisation.
 
         Used automatically inside ``torch.func`` transforms; only solvers whose
-        :attr:`vmappable` is true implement it.
+        :attr:`vmappable` is true implement it. A solver may record tensor flags
+        in ``flags`` (CG: ``"negative_curvature"``, a boolean tensor); inside a
+        transform they arrive in ``info.extra``, where per-task code can use
+        them with :func:`torch.where`.
         """
         raise RuntimeError(
             f"{self!r} cannot run inside torch.func.vmap (or another torch.func transform); use "
@@ -163,10 +167,11 @@ class LinearSolver:
                 return _m(v) + _d * v
 
         if in_transform():
-            x = self.solve_fixed(matvec, b, x0)
+            flags: dict[str, torch.Tensor] = {}
+            x = self.solve_fixed(matvec, b, x0, flags)
             nan = float("nan")
             status = LinearSolveStatus.UNCHECKED
-            return x, LinearSolveInfo(self.max_iter, nan, nan, False, status, self.max_iter, self.name)
+            return x, LinearSolveInfo(self.max_iter, nan, nan, False, status, self.max_iter, self.name, flags)
         x, info = self._solve(matvec, b, x0)
         info.solver = self.name
         if not info.converged:

@@ -103,7 +103,8 @@ class CG(LinearSolver):
         """Always true: :meth:`solve_fixed` runs CG without reading values back."""
         return True
 
-    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None,
+                    flags: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Exactly ``max_iter`` CG iterations without data-dependent Python control flow.
 
         An iteration whose residual already met ``tol``, or whose direction has
@@ -124,9 +125,11 @@ class CG(LinearSolver):
         rs = torch.dot(r, r)
         threshold = (self.tol * torch.linalg.vector_norm(b)) ** 2
         done = rs <= threshold
+        negative = torch.zeros_like(done)
         for _ in range(self.max_iter):
             Ap = matvec(p)
             pAp = torch.dot(p, Ap)
+            negative = negative | (~done & ~(pAp > 0))
             done = done | ~(pAp > 0)  # non-positive (or NaN) curvature: freeze at the last iterate
             alpha = torch.where(done, torch.zeros_like(rs), rs / torch.where(done, torch.ones_like(pAp), pAp))
             x = x + alpha * p
@@ -136,6 +139,8 @@ class CG(LinearSolver):
             done = done | (rs_new <= threshold)
             p = r + beta * p
             rs = rs_new
+        if flags is not None:
+            flags["negative_curvature"] = negative
         return x
 
 

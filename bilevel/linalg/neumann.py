@@ -66,10 +66,11 @@ class Neumann(LinearSolver):
         """True with a fixed ``step_size`` (the power-iteration estimate reads values back)."""
         return self.step_size is not None
 
-    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None,
+                    flags: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Exactly ``max_iter`` terms of the series, with no value read back (vmap-safe)."""
         if self.step_size is None:
-            return super().solve_fixed(matvec, b, x0)
+            return super().solve_fixed(matvec, b, x0, flags)
         x = torch.zeros_like(b) if x0 is None else x0
         r = b if x0 is None else b - matvec(x0)
         for _ in range(self.max_iter):
