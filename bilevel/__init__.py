@@ -9,7 +9,7 @@
 """
 
 from . import bounds, linalg, solvers, testing, tree, unrolled
-from ._checks import ConvergenceError, ConvergenceWarning
+from ._checks import BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning
 from .implicit import ImplicitInfo, argmin, hypergradient, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
 from .problem import InnerProblem, ProximalProblem
@@ -31,6 +31,8 @@ __all__ = [
     "LinearSolveInfo",
     "LinearSolveStatus",
     "ConvergenceWarning",
+    "BudgetWarning",
+    "BreakdownWarning",
     "ConvergenceError",
     "bounds",
     "linalg",

@@ -20,6 +20,19 @@ class ConvergenceWarning(UserWarning):
     """
 
 
+class BudgetWarning(ConvergenceWarning):
+    """A solver used its whole budget (``max_iter``) before meeting its tolerance.
+
+    Often intended (a fixed number of inner steps, 5 CG steps): silence these
+    alone with ``warnings.simplefilter("ignore", bilevel.BudgetWarning)`` and
+    still see the :class:`BreakdownWarning` s.
+    """
+
+
+class BreakdownWarning(ConvergenceWarning):
+    """A solver stopped because something is wrong: negative curvature, divergence, NaN, a failed line search."""
+
+
 class ConvergenceError(RuntimeError):
     """Raised by ``raise_if_failed()`` on a result that did not converge."""
 

@@ -181,3 +181,18 @@ def test_tol_zero_is_a_fixed_budget_without_warning():
         x, info = bl.linalg.get("cg", max_iter=2, tol=0.0)(lambda v: 3.0 * v + v.flip(0), torch.ones(4))
     assert result.iterations == 7 and result.status is bl.SolverStatus.MAX_ITER and not result.converged
     assert info.iterations == 2 or info.converged
+
+
+def test_budget_and_breakdown_warnings_can_be_told_apart():
+    ref = REFERENCE_PROBLEMS["proximal_quadratic"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bl.BudgetWarning)
+        warnings.simplefilter("error", bl.BreakdownWarning)
+        bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", max_iter=2))  # budget: silent
+        bl.linalg.get("cg", max_iter=1)(lambda v: 2.0 * v + v.flip(0), torch.ones(3))
+        with pytest.raises(bl.BreakdownWarning, match="non-finite"):
+            bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("gd", step_size=10.0, max_iter=10000))
+        with pytest.raises(bl.BreakdownWarning, match="p\\^T A p <= 0"):
+            bl.linalg.get("cg")(lambda v: -v, torch.ones(3))
+    assert issubclass(bl.BudgetWarning, bl.ConvergenceWarning) and issubclass(bl.BreakdownWarning,
+                                                                                bl.ConvergenceWarning)

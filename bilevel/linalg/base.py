@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._checks import ConvergenceError, ConvergenceWarning, check_nonneg_float, check_positive_int
+from .._checks import BreakdownWarning, BudgetWarning, ConvergenceError, check_nonneg_float, check_positive_int
 from .._functorch import in_transform
 from .._registry import Registry
 
@@ -181,7 +181,7 @@ class LinearSolver:
                 warnings.warn(
                     f"{self.name} did not converge after {info.iterations} iterations "
                     f"(relative residual {info.relative_residual:.3g}, tol {self.tol:g}): {info.message}",
-                    ConvergenceWarning,
+                    BreakdownWarning if forced else BudgetWarning,
                     stacklevel=3,
                 )
         return x, info

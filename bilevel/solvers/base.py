@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .. import tree as _tree
-from .._checks import (ConvergenceError, ConvergenceWarning, check_nonneg_float, check_positive_int)
+from .._checks import BreakdownWarning, BudgetWarning, ConvergenceError, check_nonneg_float, check_positive_int
 from .._functorch import in_transform
 from .._registry import Registry
 from ..problem import InnerProblem
@@ -556,7 +556,8 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
         warnings.warn(
             f"inner solver {result.solver!r} did not converge after {result.iterations} iterations "
             f"(||grad_phi G|| = {result.grad_norm:.3g}, tol {solver_obj.tol:g}): {result.message}",
-            ConvergenceWarning,
+            BudgetWarning if result.status in (SolverStatus.MAX_ITER, SolverStatus.NOT_STATIONARY)
+            else BreakdownWarning,
             stacklevel=2,
         )
     return result
