@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,6 +32,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import bilevel as bl
+
+
+def maxrss_mib() -> float:
+    """The process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def current_rss_mib() -> float | None:
+    """The current resident set size in MiB, where psutil can read it (for the baseline's slack)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2 ** 20
 
 __all__ = ["Task", "mlp_task", "convnet_task", "resolve_device", "Stopwatch", "robust_clock", "time_calls",
            "environment", "write_json", "display_path", "CPU_TIME_NOTE", "RESULTS_DIR"]

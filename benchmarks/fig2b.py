@@ -51,7 +51,6 @@ import gc
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -66,7 +65,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import bilevel as bl  # noqa: E402
-from _common import CPU_TIME_NOTE, RESULTS_DIR, display_path, environment, resolve_device, write_json  # noqa: E402
+from _common import (CPU_TIME_NOTE, RESULTS_DIR, current_rss_mib, display_path, environment,  # noqa: E402
+                     maxrss_mib, resolve_device, write_json)
 from applications.imaml.algorithms import AlgorithmConfig, MetaLearner, TaskBatch  # noqa: E402
 from applications.imaml.model import ConvNet, init_params  # noqa: E402
 
@@ -78,17 +78,6 @@ RESULT_TAG = "RESULT "
 PEERS = ("torchopt", "higher")
 
 
-def _maxrss_mib() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
-
-
-def _current_rss_mib() -> float | None:
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 class _Clock:
@@ -206,13 +195,13 @@ def worker(method: str, k: int, device: torch.device, repeats: int, seed: int) -
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    base_rss, base_cur = _maxrss_mib(), _current_rss_mib()
+    base_rss, base_cur = maxrss_mib(), current_rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     with _Clock(device) as c:
         out = run()
-    rec: dict[str, Any] = {"method": method, "steps": k, "host_peak_mib": _maxrss_mib() - base_rss,
+    rec: dict[str, Any] = {"method": method, "steps": k, "host_peak_mib": maxrss_mib() - base_rss,
                            "host_baseline_mib": base_rss,
                            "host_baseline_slack_mib": None if base_cur is None else base_rss - base_cur,
                            "negative_curvature": out.get("negative_curvature"),

@@ -48,7 +48,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,8 +58,8 @@ from typing import Any, Callable
 import torch
 
 import bilevel as bl
-from _common import (CPU_TIME_NOTE, RESULTS_DIR, Task, display_path, environment, mlp_task, resolve_device,
-                     robust_clock, time_calls, write_json)
+from _common import (CPU_TIME_NOTE, RESULTS_DIR, Task, current_rss_mib, display_path, environment, maxrss_mib,
+                     mlp_task, resolve_device, robust_clock, time_calls, write_json)
 
 #: Fixed inner step size (GD on G = CE + lam/2 ||phi - theta||^2 with lam = 2 is stable well above it).
 STEP_SIZE = 0.1
@@ -74,19 +73,6 @@ RESULT_TAG = "RESULT "
 WARMUP_BATCH = 4
 
 
-def _maxrss_mib() -> float:
-    """The process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
-
-
-def _current_rss_mib() -> float | None:
-    """The current resident set size in MiB, where it can be read (for the baseline's slack)."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 def _make_run(task: Task, method: str, steps: int, device: torch.device) -> Callable[[], dict[str, Any]]:
@@ -129,7 +115,7 @@ def worker(method: str, steps: int, device: torch.device, repeats: int, seed: in
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    base_rss, base_current = _maxrss_mib(), _current_rss_mib()
+    base_rss, base_current = maxrss_mib(), current_rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
@@ -140,7 +126,7 @@ def worker(method: str, steps: int, device: torch.device, repeats: int, seed: in
         "method": method,
         "steps": steps,
         "inner_iterations": out["inner_iterations"],
-        "host_peak_mib": _maxrss_mib() - base_rss,
+        "host_peak_mib": maxrss_mib() - base_rss,
         "host_baseline_mib": base_rss,
         # ru_maxrss at the baseline minus the RSS then: memory a run may use without raising the peak.
         "host_baseline_slack_mib": None if base_current is None else base_rss - base_current,
