@@ -12,7 +12,7 @@ from . import bounds, linalg, solvers, testing, tree, unrolled
 from ._checks import BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning
 from .implicit import ImplicitInfo, argmin, hypergradient, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
-from .problem import InnerProblem, ProximalProblem
+from .problem import InnerProblem, PredictionLoss, ProximalProblem
 from .solvers import SolveResult, SolverStatus, register_solver, solve
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "InnerProblem",
     "ProximalProblem",
+    "PredictionLoss",
     "solve",
     "argmin",
     "implicit_vjp",

@@ -47,7 +47,8 @@ from typing import Any, Callable
 import torch
 
 from . import tree as _tree
-from .linalg.hvp import DEFAULT_HVP_MODE, Linearization, check_mode
+from ._linearize import check_hvp, linearize
+from .linalg.hvp import DEFAULT_HVP_MODE
 
 __all__ = [
     "Constants",
@@ -677,7 +678,8 @@ def hessian_extremes(problem: Any, theta: Any, phi: Any, data: Any = None, *, ma
     max_iter:
         Lanczos steps (Hessian-vector products). Default 20.
     hvp:
-        ``"reverse"`` (default) or ``"forward"`` Hessian-vector products.
+        ``"reverse"`` (default) or ``"forward"`` Hessian-vector products, or
+        ``"gauss_newton"`` (then the estimates are of the Gauss-Newton matrix).
     generator:
         For Lanczos' random start (default: seeded, private).
 
@@ -707,16 +709,13 @@ def hessian_extremes(problem: Any, theta: Any, phi: Any, data: Any = None, *, ma
     >>> round(est.lambda_min, 6), round(est.lambda_max, 6), round(est.kappa, 6), est.hvps
     (5.0, 250.0, 50.0, 10)
     """
-    check_mode(hvp)
+    check_hvp(problem, hvp)
     problem.validate(theta, data)
     problem.check_phi(phi, theta, "phi")
     theta_flat, theta_spec = _tree.flatten(theta, "theta")
     phi_flat, phi_spec = _tree.flatten(phi, "phi")
 
-    def fn(x, y, extra):
-        return problem.value(_tree.unflatten(x, phi_spec), _tree.unflatten(y, theta_spec), data)
-
-    lin = Linearization(fn, phi_flat.detach(), theta_flat.detach(), (), hvp)
+    lin = linearize(problem, phi_flat.detach(), phi_spec, theta_flat.detach(), theta_spec, data, [], hvp)
     try:
         est = lanczos(lin.hvp, phi_flat.detach(), max_iter=max_iter, generator=generator)
     finally:

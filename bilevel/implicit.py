@@ -31,7 +31,8 @@ from ._checks import ConvergenceWarning, check_finite_tree, check_scalar
 from ._functorch import in_transform
 from .linalg.base import LinearSolveInfo, LinearSolver, LinearSolveStatus
 from .linalg.base import get as get_linear_solver
-from .linalg.hvp import DEFAULT_HVP_MODE, Linearization, check_mode
+from ._linearize import check_hvp, linearize
+from .linalg.hvp import DEFAULT_HVP_MODE
 from .problem import InnerProblem, ProximalProblem
 from .solvers.base import Solver, SolveResult
 from .solvers.base import get as get_solver
@@ -104,15 +105,8 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
     ``check_residual``: recompute ``||cotangent - H v||`` with one more HVP (for certificates).
     ``x0``: warm start of the linear solve. ``keep``: receives ``v`` under ``"v"``.
     """
-    use_hyper = bool(hyper)
-
-    def fn(x, y, extra):
-        return problem.value(_tree.unflatten(x, phi_spec), _tree.unflatten(y, theta_spec), data,
-                             extra if use_hyper else None)
-
-    if hvp == "reverse" and in_transform():
-        hvp = "forward"  # reverse-over-reverse cannot run inside torch.func transforms (vmap over tasks)
-    lin = Linearization(fn, phi_flat, theta_flat, hyper, hvp)
+    # inside torch.func transforms (vmap over tasks) "reverse" runs as "forward"
+    lin = linearize(problem, phi_flat, phi_spec, theta_flat, theta_spec, data, hyper, hvp)
     b = cotangent.detach()
     v, linfo = linear_solver(lin.hvp, b, x0)
     true_res = None
@@ -125,7 +119,7 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
     if keep is not None:
         keep["v"] = v.detach()
     info = ImplicitInfo(linfo.iterations, linfo.residual_norm, linfo.relative_residual, linfo.converged,
-                        linfo.status, lin.count, inner_gn, hvp, linfo, true_res)
+                        linfo.status, lin.count, inner_gn, lin.mode, linfo, true_res)
     logger.debug("implicit solve: %s, %d HVPs, relative residual %.3g", linfo.status.name, lin.count,
                  linfo.relative_residual)
     return -mixed[0], [-m for m in mixed[1:]], info
@@ -157,7 +151,11 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
         default ``"cg"`` (``max_iter=100, tol=1e-10``).
     hvp:
         ``"reverse"`` (default) or ``"forward"`` Hessian-vector products (inside ``torch.func.vmap``
-        the forward mode is used whatever is asked: reverse-over-reverse cannot run there).
+        ``"reverse"`` runs as ``"forward"``: reverse-over-reverse cannot run there); or
+        ``"gauss_newton"``, which replaces the loss's Hessian by its Gauss-Newton matrix (needs a
+        :class:`bilevel.ProximalProblem` whose loss is a :class:`bilevel.PredictionLoss`; see
+        :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, about half the
+        memory of the exact modes, exact when the predictor is linear in ``phi``.
 
     Returns
     -------
@@ -183,7 +181,7 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
     problem.validate(theta, data)
     problem.check_phi(phi, theta, "phi")
     check_finite_tree(phi, "phi", "the inner solve diverged; lower its step size or start closer")
-    check_mode(hvp)
+    check_hvp(problem, hvp)
     theta_flat, theta_spec = _flat_detached(theta, "theta")
     phi_flat, phi_spec = _flat_detached(phi, "phi")
     cot_spec = _tree.tree_spec(cotangent, "cotangent")
@@ -429,7 +427,7 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
             raise ValueError("target_error needs constants=bl.bounds.Constants(mu=..., L=..., rho=...): the "
                              "certificate that decides when to stop is built from them.")
         _check_linear_solver_arg(linear_solver)
-        check_mode(hvp)
+        check_hvp(problem, hvp)
         return _adaptive(problem, outer, theta, phi, data, linear_solver, hvp, constants, float(target_error),
                          solver)
     if solver is not None:
@@ -441,7 +439,7 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
         return _tree.map(torch.add, direct, vjp), info
     check_finite_tree(phi, "phi", "the inner solve diverged; lower its step size or start closer")
     check_finite_tree(cot, "the outer gradient", "the outer loss gradient overflowed; check the outer loss")
-    check_mode(hvp)
+    check_hvp(problem, hvp)
     cross = _resolve_cross(problem, constants, depends_on_theta)
     constants, curvature, estimated = _resolve_mu(problem, theta, phi, data, constants, hvp)
     theta_flat, theta_spec = _flat_detached(theta, "theta")
@@ -651,7 +649,11 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
         Starting point (default: ``theta``). Never modified.
     hvp:
         ``"reverse"`` (default) or ``"forward"`` Hessian-vector products (inside ``torch.func.vmap``
-        the forward mode is used whatever is asked: reverse-over-reverse cannot run there).
+        ``"reverse"`` runs as ``"forward"``: reverse-over-reverse cannot run there); or
+        ``"gauss_newton"``, which replaces the loss's Hessian by its Gauss-Newton matrix (needs a
+        :class:`bilevel.ProximalProblem` whose loss is a :class:`bilevel.PredictionLoss`; see
+        :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, about half the
+        memory of the exact modes, exact when the predictor is linear in ``phi``.
     full_output:
         Also return the :class:`bilevel.SolveResult` of the forward solve.
 
@@ -678,7 +680,7 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
     """
     solver_obj = get_solver(solver)
     linear_obj = get_linear_solver(linear_solver)
-    check_mode(hvp)
+    check_hvp(problem, hvp)
     theta_spec = _tree.tree_spec(theta, "theta")
     hyper = problem.hyperparameters() if isinstance(problem, InnerProblem) else []
     cfg = _ArgminConfig(problem, data, solver_obj, linear_obj, hvp, theta_spec, phi0, len(hyper))

@@ -4,6 +4,9 @@
 * :class:`ProximalProblem` is iMAML's ``G = loss(phi, data) + lam/2 ||phi - theta||^2``,
   with ``lam`` a number, a tensor or a tree like ``theta`` (per-parameter), which
   may itself require grad.
+* :class:`PredictionLoss` is a loss written as ``criterion(predict(phi, data), data)``;
+  given as a :class:`ProximalProblem`'s loss it enables Gauss-Newton curvature
+  (``hvp="gauss_newton"``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from . import tree as _tree
 from ._checks import check_finite_tree, check_scalar, check_structure
 from ._functorch import in_transform
 
-__all__ = ["InnerProblem", "ProximalProblem"]
+__all__ = ["InnerProblem", "ProximalProblem", "PredictionLoss", "GaussNewtonParts", "CRITERIA"]
 
 
 class InnerProblem:
@@ -77,6 +80,13 @@ class InnerProblem:
         return check_scalar(out, f"the inner objective {self.name!r}")
 
     __call__ = value
+
+    def gauss_newton_parts(self) -> "GaussNewtonParts | None":
+        """The split of ``G`` that Gauss-Newton curvature needs, or ``None`` (a plain objective has none).
+
+        :class:`ProximalProblem` returns one when its loss is a :class:`PredictionLoss`.
+        """
+        return None
 
     def validate(self, theta: Any, data: Any) -> None:
         """Check ``theta`` and ``data`` (and the problem's own constants) before a solve."""
@@ -183,10 +193,19 @@ class ProximalProblem(InnerProblem):
 
     def value(self, phi: Any, theta: Any, data: Any, hyper: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         loss = check_scalar(self.loss(phi, data), f"the loss {self.name!r}")
+        return loss + self.proximal_term(phi, theta, hyper)
+
+    def proximal_term(self, phi: Any, theta: Any, hyper: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """``lam/2 ||phi - theta||^2`` (with ``lam`` per leaf or per entry when it is a tree)."""
         lp, lt = _tree.leaves(phi), _tree.leaves(theta)
         lams = self._lam_leaves(lt, hyper)
-        prox = sum(0.5 * (lam * (p - t) ** 2).sum() for lam, p, t in zip(lams, lp, lt))
-        return loss + prox
+        return sum(0.5 * (lam * (p - t) ** 2).sum() for lam, p, t in zip(lams, lp, lt))
+
+    def gauss_newton_parts(self) -> "GaussNewtonParts | None":
+        """``(predict, criterion, proximal_term)`` when the loss is a :class:`PredictionLoss`, else ``None``."""
+        if not isinstance(self.loss, PredictionLoss):
+            return None
+        return GaussNewtonParts(self.loss.predict, self.loss.criterion, self.proximal_term)
 
     __call__ = value
 
@@ -225,3 +244,100 @@ class ProximalProblem(InnerProblem):
     def __repr__(self) -> str:
         lam = self.lam if isinstance(self.lam, float) else f"<{_tree.describe(self.lam)}>"
         return f"ProximalProblem(loss={self.name}, lam={lam})"
+
+
+# --------------------------------------------------------------------------------------------------
+# losses of predictions: the structure Gauss-Newton curvature needs
+
+
+def _cross_entropy(outputs: torch.Tensor, data: Any) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(outputs, _targets(data, "cross_entropy"))
+
+
+def _mse(outputs: torch.Tensor, data: Any) -> torch.Tensor:
+    # written out: forward-mode AD through F.mse_loss's backward fails on the targets' zero tangent
+    return 0.5 * ((outputs - _targets(data, "mse")) ** 2).mean()
+
+
+def _targets(data: Any, name: str) -> torch.Tensor:
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[-1], torch.Tensor):
+        return data[-1]
+    raise TypeError(f"criterion {name!r} reads the targets as data[-1], so data must be a tuple such as (x, y); "
+                    f"got {type(data).__name__}. Pass criterion=callable(outputs, data) for another layout.")
+
+
+#: Built-in criteria of :class:`PredictionLoss`, by name: ``criterion(outputs, data)`` with the targets
+#: in ``data[-1]``. ``"cross_entropy"``: mean cross-entropy of logits; ``"mse"``: half the mean squared error.
+CRITERIA: dict[str, Callable[[Any, Any], torch.Tensor]] = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+class PredictionLoss:
+    """A loss of predictions, ``loss(phi, data) = criterion(predict(phi, data), data)``.
+
+    It is called like any loss; written this way it also tells the engine
+    where the network ends and the loss begins, which Gauss-Newton curvature
+    (``hvp="gauss_newton"`` in :func:`bilevel.hypergradient`,
+    :func:`bilevel.argmin`, :func:`bilevel.implicit_vjp`) needs: the Hessian
+    ``J^T H_c J`` of the criterion through the predictor's Jacobian ``J``,
+    which drops the term of the predictor's own second derivatives. It is
+    positive semi-definite whenever the criterion is convex in the outputs,
+    so ``lam I + J^T H_c J`` never has negative curvature, and it is the exact
+    Hessian when ``predict`` is linear in ``phi``.
+
+    Parameters
+    ----------
+    predict:
+        ``predict(phi, data) -> outputs`` (a tensor, or a tree of tensors),
+        for example a network's logits ``torch.func.functional_call(net, phi, (x,))``.
+    criterion:
+        ``criterion(outputs, data) -> scalar tensor``, convex in ``outputs``
+        for Gauss-Newton to be positive semi-definite; or the name of a
+        built-in one in :data:`CRITERIA` (``"cross_entropy"``, ``"mse"``),
+        which read the targets from ``data[-1]``.
+
+    Examples
+    --------
+    >>> import torch, bilevel as bl
+    >>> loss = bl.PredictionLoss(lambda phi, data: data[0] @ phi, "mse")
+    >>> X, y = torch.eye(2), torch.tensor([1.0, 3.0])
+    >>> float(loss(torch.tensor([1.0, 1.0]), (X, y)))
+    1.0
+    """
+
+    def __init__(self, predict: Callable[[Any, Any], Any], criterion: str | Callable[[Any, Any], torch.Tensor]
+                 = "cross_entropy"):
+        if not callable(predict):
+            raise TypeError(f"predict must be callable as predict(phi, data) -> outputs, got {type(predict).__name__}.")
+        if isinstance(criterion, str):
+            if criterion not in CRITERIA:
+                raise ValueError(f"unknown criterion {criterion!r}; available: {', '.join(sorted(CRITERIA))}, "
+                                 f"or a callable criterion(outputs, data) -> scalar.")
+            self.criterion_name = criterion
+            criterion = CRITERIA[criterion]
+        elif callable(criterion):
+            self.criterion_name = getattr(criterion, "__name__", "criterion")
+        else:
+            raise TypeError(f"criterion must be a name ({', '.join(sorted(CRITERIA))}) or a callable "
+                            f"criterion(outputs, data) -> scalar, got {type(criterion).__name__}.")
+        self.predict = predict
+        self.criterion = criterion
+        self.__name__ = f"{self.criterion_name}(predict)"
+
+    def __call__(self, phi: Any, data: Any) -> torch.Tensor:
+        return self.criterion(self.predict(phi, data), data)
+
+    def __repr__(self) -> str:
+        return f"PredictionLoss(predict={getattr(self.predict, '__name__', 'predict')}, criterion={self.criterion_name})"
+
+
+class GaussNewtonParts:
+    """``G(phi, theta) = criterion(predict(phi, data), data) + rest(phi, theta, hyper)``.
+
+    What :meth:`InnerProblem.gauss_newton_parts` returns: ``rest`` holds
+    everything that depends on ``theta`` or on hyper-parameters (for iMAML,
+    the proximal term) and gets its exact Hessian; the prediction loss gets
+    the Gauss-Newton one.
+    """
+
+    def __init__(self, predict: Callable, criterion: Callable, rest: Callable):
+        self.predict, self.criterion, self.rest = predict, criterion, rest

@@ -270,3 +270,45 @@ def test_vmap_and_loop_agree_when_tasks_meet_negative_curvature():
         results[vmap] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats["negative_curvature"])
     assert results[False][1] == results[True][1] > 0, results
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-8, atol=1e-10)
+
+
+def test_gauss_newton_curvature_vmap_equals_loop_and_never_meets_negative_curvature():
+    """The setting of the test above, where exact curvature is indefinite: Gauss-Newton stays definite."""
+    torch.set_default_dtype(torch.float64)
+    net = ConvNet(3)
+    b = fixed_batch(tasks=4, seed=3)
+    batch = TaskBatch(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y)
+    results = {}
+    for vmap in (False, True):
+        theta = init_params(net, seed=7)
+        learner = MetaLearner(net, small_config("imaml_gd", vmap=vmap, lam=0.01, inner_steps=1, inner_lr=0.5,
+                                                curvature="gauss_newton"))
+        stats = learner.meta_gradient(theta, batch)
+        results[vmap] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats["negative_curvature"])
+    assert results[False][1] == results[True][1] == 0, results
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-8, atol=1e-10)
+    # and it is not the first-order direction: the Gauss-Newton solve changed the gradient
+    theta = init_params(net, seed=7)
+    MetaLearner(net, small_config("fomaml", vmap=False, inner_steps=1, inner_lr=0.5)).meta_gradient(theta, batch)
+    fo = torch.cat([t.grad.reshape(-1) for t in theta.values()])
+    assert float((fo - results[False][0]).norm()) > 1e-3 * float(fo.norm())
+
+
+@pytest.mark.parametrize("name", ["imaml_gd", "imaml_hf"])
+def test_gauss_newton_curvature_lowers_the_meta_training_loss(name):
+    net = ConvNet(3)
+    theta = init_params(net, seed=1)
+    learner = MetaLearner(net, small_config(name, vmap=False, curvature="gauss_newton"))
+    batch = fixed_batch()
+    before = query_loss_after_adaptation(learner, theta, batch)
+    learner.meta_gradient(theta, batch)
+    grads = [t.grad for t in theta.values()]
+    with torch.no_grad():
+        for t in theta.values():
+            t -= 0.005 * t.grad / max(1.0, float(torch.stack([g.norm() for g in grads]).norm()))
+    assert query_loss_after_adaptation(learner, theta, batch) < before
+
+
+def test_curvature_option_is_validated():
+    with pytest.raises(ValueError, match="curvature must be one of 'exact', 'gauss_newton', got 'gn'"):
+        AlgorithmConfig("imaml_gd", curvature="gn")

@@ -568,7 +568,7 @@ def hvp_point():
     return a, x, v
 
 
-@pytest.mark.parametrize("mode", bl.linalg.HVP_MODES)
+@pytest.mark.parametrize("mode", bl.linalg.EXACT_HVP_MODES)
 def test_hvp_matches_exact_hessian(mode, hvp_point):
     a, x, v = hvp_point
     f = _nonlinear(a)
@@ -583,7 +583,7 @@ def test_hvp_matches_exact_hessian(mode, hvp_point):
     assert torch.equal(x, x_before) and not x.requires_grad
 
 
-@pytest.mark.parametrize("mode", bl.linalg.HVP_MODES)
+@pytest.mark.parametrize("mode", bl.linalg.EXACT_HVP_MODES)
 def test_linearization_hvp_and_grad(mode, hvp_point):
     a, x, v = hvp_point
     f = _nonlinear(a)
@@ -608,7 +608,7 @@ def _coupled(x, y, e):
         + (y ** 3).sum() + torch.sin(x.sum() * y[-1])
 
 
-@pytest.mark.parametrize("mode", bl.linalg.HVP_MODES)
+@pytest.mark.parametrize("mode", bl.linalg.EXACT_HVP_MODES)
 def test_linearization_mixed_vjp_matches_exact(mode):
     g = torch.Generator().manual_seed(22)
     n, m = 4, 6
@@ -633,7 +633,7 @@ def test_linearization_mixed_vjp_matches_exact(mode):
     assert gy.shape == y.shape and ge.shape == e0.shape
 
 
-@pytest.mark.parametrize("mode", bl.linalg.HVP_MODES)
+@pytest.mark.parametrize("mode", bl.linalg.EXACT_HVP_MODES)
 def test_mixed_vjp_zero_where_independent(mode):
     g = torch.Generator().manual_seed(23)
     x = torch.randn(3, dtype=DT, generator=g)
@@ -650,13 +650,13 @@ def test_mixed_vjp_zero_where_independent(mode):
 
 def test_unknown_hvp_mode_lists_modes():
     x = torch.ones(2, dtype=DT)
-    with pytest.raises(ValueError, match=r"unknown hvp mode 'sideways'; available: reverse, forward"):
+    with pytest.raises(ValueError, match=r"unknown hvp mode 'sideways'; available: reverse, forward, gauss_newton"):
         bl.linalg.hvp(lambda t: (t ** 2).sum(), x, x, mode="sideways")
     with pytest.raises(ValueError, match=r"available: reverse, forward"):
         bl.linalg.Linearization(lambda a, b, e: (a ** 2).sum(), x, x, (), mode="fwd")
 
 
-@pytest.mark.parametrize("mode", bl.linalg.HVP_MODES)
+@pytest.mark.parametrize("mode", bl.linalg.EXACT_HVP_MODES)
 def test_linear_function_gives_zero_hvp(mode):
     a = torch.tensor([1.0, -2.0, 3.0], dtype=DT)
     x = torch.tensor([0.5, 0.1, -0.3], dtype=DT)
@@ -674,7 +674,8 @@ def test_linear_function_gives_zero_hvp(mode):
 
 def test_default_hvp_mode_is_listed():
     assert bl.linalg.DEFAULT_HVP_MODE in bl.linalg.HVP_MODES
-    assert set(bl.linalg.HVP_MODES) == {"reverse", "forward"}
+    assert set(bl.linalg.HVP_MODES) == {"reverse", "forward", "gauss_newton"}
+    assert set(bl.linalg.EXACT_HVP_MODES) == {"reverse", "forward"}
 
 
 # --------------------------------------------------------------------------- power iteration

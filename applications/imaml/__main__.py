@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--meta-batch", type=int, default=None, help="override the config's meta_batch")
     tr.add_argument("--eval-episodes", type=int, default=None, help="override the config's eval_episodes")
     tr.add_argument("--no-vmap", action="store_true", help="loop over the tasks of a meta-batch")
+    tr.add_argument("--curvature", choices=("exact", "gauss_newton"), default=None,
+                    help="curvature of iMAML's backward linear system (override the config's; default exact)")
     for flag, kind, text in (("--lam", float, "proximal strength"), ("--inner-steps", int, "inner GD steps"),
                              ("--inner-lr", float, "inner step size"), ("--cg-steps", int, "CG steps of the backward"),
                              ("--damping", float, "damping of the backward linear system")):
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             changes["meta_batch"] = args.meta_batch
         if args.eval_episodes is not None:
             changes["eval_episodes"] = args.eval_episodes
-        algo = {key: getattr(args, key) for key in ("lam", "inner_steps", "inner_lr", "cg_steps", "damping")
+        algo = {key: getattr(args, key) for key in ("lam", "inner_steps", "inner_lr", "cg_steps", "damping",
+                                                    "curvature")
                 if getattr(args, key) is not None}
         if args.no_vmap:
             algo["vmap"] = False

@@ -30,9 +30,11 @@ from torch import nn
 
 import bilevel as bl
 
-__all__ = ["ALGORITHMS", "AlgorithmConfig", "MetaLearner", "TaskBatch"]
+__all__ = ["ALGORITHMS", "CURVATURES", "AlgorithmConfig", "MetaLearner", "TaskBatch"]
 
 ALGORITHMS = ("imaml_gd", "imaml_hf", "maml", "fomaml", "reptile")
+#: Curvatures of iMAML's backward linear system (:attr:`AlgorithmConfig.curvature`).
+CURVATURES = ("exact", "gauss_newton")
 
 
 @dataclass
@@ -84,6 +86,12 @@ class AlgorithmConfig:
         ``(I + H/lam)^{-1}`` replaced by ``I`` for that task; ``"truncate"`` keeps CG's last
         iterate (bilevel's behaviour). Measured in ``applications/imaml/README.md``. The
         vmap path selects per task with ``torch.where`` on CG's negative-curvature flag.
+    curvature:
+        The curvature in iMAML's backward linear system: ``"exact"`` (default; the Hessian of
+        the support loss, reverse-over-reverse products on the loop path, forward-over-reverse
+        under vmap) or ``"gauss_newton"`` (its Gauss-Newton matrix through the network's
+        logits: positive semi-definite, so CG never meets negative curvature, and about half
+        the memory; ``hvp="gauss_newton"`` in :func:`bilevel.hypergradient`).
     """
 
     name: str
@@ -97,6 +105,7 @@ class AlgorithmConfig:
     vmap: bool = True
     damping: float = 0.0
     negative_curvature: str = "first_order"
+    curvature: str = "exact"
 
     def __post_init__(self) -> None:
         if self.name not in ALGORITHMS:
@@ -111,6 +120,8 @@ class AlgorithmConfig:
                 raise ValueError(f"{key} must be a positive number, got {value!r}.")
         if self.negative_curvature not in ("first_order", "truncate"):
             raise ValueError(f"negative_curvature must be 'first_order' or 'truncate', got {self.negative_curvature!r}.")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {', '.join(map(repr, CURVATURES))}, got {self.curvature!r}.")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}.")
 
@@ -150,6 +161,9 @@ class MetaLearner:
         self.inner_gd = bl.solvers.get("gd", step_size=c.inner_lr, max_iter=c.inner_steps, tol=0.0)
         self.inner_hf = bl.solvers.get("newton_cg", max_iter=c.hf_iterations, cg_max_iter=c.hf_cg_steps, tol=0.0)
         self.linear = bl.linalg.get("cg", max_iter=c.cg_steps, tol=0.0, damping=c.damping)
+        gauss_newton = c.curvature == "gauss_newton"
+        self.hvp_loop = "gauss_newton" if gauss_newton else "reverse"  # one task at a time
+        self.hvp_vmap = "gauss_newton" if gauss_newton else "forward"  # under torch.func.vmap
 
     # -- the task loss and problems --------------------------------------------------------------
     def logits(self, phi: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +175,17 @@ class MetaLearner:
         x, y = data
         return F.cross_entropy(self.logits(phi, x), y)
 
+    def predict(self, phi: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The logits on ``data = (x, y)``'s inputs (the predictor of :meth:`proximal_problem`'s loss)."""
+        return self.logits(phi, data[0])
+
     def proximal_problem(self, lam: Any) -> bl.ProximalProblem:
-        """iMAML's inner problem with strength ``lam`` (a float or a tree like theta)."""
-        return bl.ProximalProblem(self.loss, lam)
+        """iMAML's inner problem with strength ``lam`` (a float or a tree like theta).
+
+        Its loss is a :class:`bilevel.PredictionLoss` (cross-entropy of :meth:`predict`), the
+        same value as :meth:`loss`, so that Gauss-Newton curvature is available.
+        """
+        return bl.ProximalProblem(bl.PredictionLoss(self.predict, "cross_entropy"), lam)
 
     def plain_problem(self) -> bl.InnerProblem:
         """The unregularised training loss as an inner problem (MAML, first-order MAML, Reptile)."""
@@ -235,7 +257,8 @@ class MetaLearner:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bl.ConvergenceWarning)  # reported through info.status instead
-            grad, info = bl.hypergradient(problem, outer, detached, phi, data, linear_solver=self.linear)
+            grad, info = bl.hypergradient(problem, outer, detached, phi, data, linear_solver=self.linear,
+                                          hvp=self.hvp_loop)
         negative = info.status is bl.LinearSolveStatus.NEGATIVE_CURVATURE
         if negative:  # (I + H/lam)^-1 ~ I: the first-order (FOMAML) direction grad_phi L_query
             grad = torch.func.grad(outer)(phi, detached)
@@ -250,14 +273,14 @@ class MetaLearner:
         if c.name in ("imaml_gd", "imaml_hf"):
             problem = self.proximal_problem(self.lam_value(log_lam))
             solver = self.inner_gd if c.name == "imaml_gd" else self.inner_hf
-            return bl.argmin(problem, theta, data, solver=solver, linear_solver=self.linear)
+            return bl.argmin(problem, theta, data, solver=solver, linear_solver=self.linear, hvp=self.hvp_loop)
         if c.name == "maml":
             return bl.unrolled.maml(self.plain_problem(), theta, data, step_size=c.inner_lr, num_steps=c.inner_steps)
         return bl.unrolled.first_order_maml(self.plain_problem(), theta, data, step_size=c.inner_lr,
                                             num_steps=c.inner_steps)
 
     def _imaml_vmap(self, theta: dict[str, torch.Tensor], batch: TaskBatch) -> dict[str, float]:
-        """All tasks at once: ``torch.func.vmap`` over solve + implicit hypergradient (forward-over-reverse HVPs)."""
+        """All tasks at once: ``torch.func.vmap`` over solve + implicit hypergradient (forward-mode products)."""
         problem = self.proximal_problem(float(self.config.lam))
         detached = {k: v.detach() for k, v in theta.items()}
 
@@ -269,7 +292,7 @@ class MetaLearner:
                 return F.cross_entropy(self.logits(p, xq), yq)
 
             grad, info = bl.hypergradient(problem, outer, detached, phi, data, linear_solver=self.linear,
-                                          hvp="forward")
+                                          hvp=self.hvp_vmap)
             negative = info.linear_solve.extra.get("negative_curvature", torch.zeros((), dtype=torch.bool))
             if self.config.negative_curvature == "first_order":  # per task, without a branch
                 first_order = torch.func.grad(outer)(phi, detached)

@@ -7,7 +7,7 @@ with ``info`` a :class:`LinearSolveInfo`. Build one with :func:`get`.
 from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec, available, get, register
 from .cg import CG, cg
 from .eig import power_iteration
-from .hvp import DEFAULT_HVP_MODE, HVP_MODES, Linearization, hvp
+from .hvp import DEFAULT_HVP_MODE, EXACT_HVP_MODES, HVP_MODES, Linearization, hvp
 from .neumann import Neumann, neumann
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "hvp",
     "Linearization",
     "HVP_MODES",
+    "EXACT_HVP_MODES",
     "DEFAULT_HVP_MODE",
 ]

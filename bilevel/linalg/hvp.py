@@ -10,6 +10,16 @@ Two modes, both exact:
     ``torch.func.jvp`` of ``torch.func.grad``: every product re-runs the
     forward and backward with dual numbers. It composes with
     ``torch.func.vmap`` (a meta-batch of tasks), which the reverse mode does not.
+
+And one approximation, for losses of predictions (:class:`bilevel.PredictionLoss`):
+
+``"gauss_newton"``
+    ``J^T H_c J v + H_rest v``: a forward-mode product with the predictor's
+    Jacobian ``J``, the criterion's Hessian ``H_c`` on the outputs, and a
+    vector-Jacobian product back (the predictor's forward is re-run, so no
+    graph outlives a product). Positive semi-definite for a convex
+    criterion, exact for a linear predictor; no second derivative of the
+    network is taken. Composes with ``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -19,17 +29,19 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["HVP_MODES", "DEFAULT_HVP_MODE", "Linearization", "hvp"]
+__all__ = ["HVP_MODES", "EXACT_HVP_MODES", "DEFAULT_HVP_MODE", "Linearization", "GaussNewtonLinearization", "hvp"]
 
-#: The two ways of computing Hessian-vector products.
-HVP_MODES = ("reverse", "forward")
+#: The ways of computing curvature-vector products: two exact Hessian modes and Gauss-Newton.
+HVP_MODES = ("reverse", "forward", "gauss_newton")
+#: The modes whose products are exact Hessian-vector products (what :class:`Linearization` and :func:`hvp` take).
+EXACT_HVP_MODES = ("reverse", "forward")
 #: Chosen by ``benchmarks/hvp_modes.py``: on CPU, for one task, reverse-over-reverse
 #: with the graph reused across products was faster (see benchmarks/README.md).
 DEFAULT_HVP_MODE = "reverse"
 
 
 def check_mode(mode: str) -> str:
-    if mode not in HVP_MODES:
+    if not isinstance(mode, str) or mode not in HVP_MODES:
         raise ValueError(f"unknown hvp mode {mode!r}; available: {', '.join(HVP_MODES)}.")
     return mode
 
@@ -52,6 +64,9 @@ class Linearization:
     def __init__(self, fn: Callable, x: torch.Tensor, y: torch.Tensor, extra: Sequence[torch.Tensor] = (),
                  mode: str = DEFAULT_HVP_MODE):
         self.mode = check_mode(mode)
+        if self.mode == "gauss_newton":
+            raise ValueError("Linearization computes exact Hessian products; use GaussNewtonLinearization (built by "
+                             "the engine from a PredictionLoss) for hvp='gauss_newton'.")
         self.fn = fn
         self.x = x.detach()
         self.y = y.detach()
@@ -107,6 +122,59 @@ class Linearization:
         self._g = None
         self._x = self._y = None
         self._e = []
+
+
+class GaussNewtonLinearization:
+    """Gauss-Newton curvature of ``G(x, y) = criterion(predict(x)) + rest(x, y, extra)`` at a point.
+
+    The same interface as :class:`Linearization` (``grad``, ``count``,
+    ``hvp``, ``mixed_vjp``, ``release``); ``hvp(v)`` returns
+    ``J^T H_c J v + d2rest/dx2 v`` with ``J = d predict / dx`` and ``H_c``
+    the criterion's Hessian at the outputs. ``rest`` carries every
+    dependence on ``y`` and ``extra``, so the mixed term is exact.
+
+    Memory: each product is one forward-mode pass through ``predict`` and one
+    reverse pass (its forward re-run); nothing is retained between products.
+    """
+
+    mode = "gauss_newton"
+
+    def __init__(self, fn: Callable, predict: Callable, criterion: Callable, rest: Callable, x: torch.Tensor,
+                 y: torch.Tensor, extra: Sequence[torch.Tensor] = ()):
+        self.predict, self.criterion, self.rest = predict, criterion, rest
+        self.x = x.detach()
+        self.y = y.detach()
+        self.extra = [e.detach() for e in extra]
+        self.count = 0
+        self.grad = torch.func.grad(fn, argnums=0)(self.x, self.y, self.extra).detach()
+        self._crit_grad = torch.func.grad(criterion)
+        self._rest_grad = torch.func.grad(rest, argnums=0)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``(J^T H_c J + d2rest/dx2) v`` (1-D, like ``x``)."""
+        self.count += 1
+        with warnings.catch_warnings():  # torch's first forward-mode call emits an internal deprecation
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+            out, jv = torch.func.jvp(self.predict, (self.x,), (v,))
+        _, hjv = torch.func.jvp(self._crit_grad, (out,), (jv,))
+        del jv
+        _, pullback = torch.func.vjp(self.predict, self.x)
+        (jt,) = pullback(hjv)
+        del pullback, hjv
+        _, rv = torch.func.jvp(lambda x: self._rest_grad(x, self.y, self.extra), (self.x,), (v,))
+        return jt + rv
+
+    def mixed_vjp(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """``[d_y <grad_x rest, v>, *d_extra <grad_x rest, v>]`` (the predictor does not depend on ``y``)."""
+
+        def inner(y, extra):
+            return torch.dot(self._rest_grad(self.x, y, extra), v)
+
+        gy, ge = torch.func.grad(inner, argnums=(0, 1))(self.y, self.extra)
+        return [gy, *ge]
+
+    def release(self) -> None:
+        """Nothing is retained between products."""
 
 
 def hvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,

@@ -1,0 +1,63 @@
+"""Build the curvature operator of an inner problem at a point, for any ``hvp`` mode (one place for the engine
+and the curvature estimates)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import tree as _tree
+from ._functorch import in_transform
+from .linalg.hvp import GaussNewtonLinearization, Linearization, check_mode
+from .problem import InnerProblem
+
+
+def gauss_newton_error(problem: InnerProblem) -> ValueError:
+    return ValueError(
+        f"hvp='gauss_newton' needs to know where the predictions end and the loss begins, and {problem!r} does "
+        f"not say: build it as bl.ProximalProblem(bl.PredictionLoss(predict, criterion), lam) with "
+        f"predict(phi, data) -> outputs and criterion(outputs, data) -> scalar (e.g. 'cross_entropy'), or use "
+        f"hvp='reverse' / 'forward' (exact Hessian products).")
+
+
+def check_hvp(problem: InnerProblem, mode: str) -> str:
+    """Validate ``mode`` and, for Gauss-Newton, that ``problem`` has the structure it needs."""
+    check_mode(mode)
+    if mode == "gauss_newton" and problem.gauss_newton_parts() is None:
+        raise gauss_newton_error(problem)
+    return mode
+
+
+def linearize(problem: InnerProblem, phi_flat: torch.Tensor, phi_spec: _tree.TreeSpec, theta_flat: torch.Tensor,
+              theta_spec: _tree.TreeSpec, data: Any, hyper: list[torch.Tensor], mode: str
+              ) -> Linearization | GaussNewtonLinearization:
+    """The curvature of ``G`` at ``(phi, theta)`` in flat coordinates.
+
+    Inside a ``torch.func`` transform, ``"reverse"`` becomes ``"forward"``
+    (reverse-over-reverse cannot run there).
+    """
+    use_hyper = bool(hyper)
+
+    def fn(x, y, extra):
+        return problem.value(_tree.unflatten(x, phi_spec), _tree.unflatten(y, theta_spec), data,
+                             extra if use_hyper else None)
+
+    check_hvp(problem, mode)
+    if mode == "gauss_newton":
+        parts = problem.gauss_newton_parts()
+
+        def predict(x):
+            return parts.predict(_tree.unflatten(x, phi_spec), data)
+
+        def criterion(out):
+            return parts.criterion(out, data)
+
+        def rest(x, y, extra):
+            return parts.rest(_tree.unflatten(x, phi_spec), _tree.unflatten(y, theta_spec),
+                              extra if use_hyper else None)
+
+        return GaussNewtonLinearization(fn, predict, criterion, rest, phi_flat, theta_flat, hyper)
+    if mode == "reverse" and in_transform():
+        mode = "forward"
+    return Linearization(fn, phi_flat, theta_flat, hyper, mode)
