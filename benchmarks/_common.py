@@ -40,6 +40,32 @@ def maxrss_mib() -> float:
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
 
 
+def tensor_peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak of the bytes held by tensors on the CPU while ``fn()`` runs, above what was held before, in MiB.
+
+    Every CPU allocation and free of tensor storage during ``fn()`` is recorded by
+    :mod:`torch.profiler` (``profile_memory=True``) and replayed in order; the
+    peak of the running sum is the CPU analogue of ``torch.cuda.max_memory_allocated``
+    minus the allocation at the start. Unlike ``ru_maxrss`` it does not depend on the
+    allocator's caching or on what earlier code left behind, so it is the same on
+    every run (measured: equal to the byte over repeated runs). It counts tensor
+    storage only, not Python objects or code pages.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
 def current_rss_mib() -> float | None:
     """The current resident set size in MiB, where psutil can read it (for the baseline's slack)."""
     try:

@@ -11,8 +11,12 @@ Methods (all through :class:`applications.imaml.algorithms.MetaLearner`, one tas
 * ``maml``: ``bl.unrolled.maml`` (back-propagation through the K steps); by default on CPU only up to
   ``K = 40`` (``--maml-max-k``) to keep the run short.
 * ``fomaml``: ``bl.unrolled.first_order_maml``.
-* ``torchopt`` / ``higher``: only when importable (they are optional peers, never installed by this
-  project); otherwise a note is printed and stored.
+* ``imaml_gn``: ``imaml_gd`` with Gauss-Newton curvature in the backward (``curvature="gauss_newton"``,
+  ``hvp="gauss_newton"``): ``J^T H_CE J + lam I`` products instead of exact Hessian-vector products.
+* ``torchopt``: TorchOpt's implicit iMAML, as in its iMAML example: ``torchopt.diff.implicit.custom_root``
+  on the stationarity condition ``torch.func.grad(G)``, solved by ``solve_normal_cg(maxiter=5)``; the same K
+  GD steps (``torch.func.grad``, no graph). ``higher``: MAML unrolled with ``higher.innerloop_ctx`` and SGD.
+  Both only when importable (``pip install -e ".[peers]"``); otherwise a note is printed and stored.
 
 Problem: the 4-conv Omniglot net (:class:`applications.imaml.model.ConvNet`, 64 filters, 1x28x28 inputs),
 20-way 5-shot: 100 random support images, 20 x 5 random query images, random-init parameters
@@ -22,16 +26,21 @@ Reference: ``grad``, one gradient of the training (support) loss with respect to
 (``loss.backward()``), measured in the same run; times and memory are also reported as ratios to it.
 
 Measurement (as :mod:`memory_argmin`): every configuration runs in a **fresh process** (``--worker``).
-CPU: peak = ``ru_maxrss`` after one meta-gradient minus ``ru_maxrss`` at the baseline, which is taken after
-imports, setup and a warm-up run of the same method (``K = 1`` on a 20-way 1-shot task). Time: minimum over the
-measured call and ``--repeats`` further calls of the process CPU time, one thread. CUDA:
-``torch.cuda.max_memory_allocated`` minus the allocation at the baseline; CUDA events.
+CPU: the peak is the **tensor peak** (:func:`_common.tensor_peak_mib`: every tensor allocation and free
+of one meta-gradient, recorded by ``torch.profiler`` and replayed; deterministic, the CPU analogue of
+``max_memory_allocated``), and also, as before, ``ru_maxrss`` after one meta-gradient minus ``ru_maxrss`` at
+the baseline, which is taken after imports, setup and a warm-up run of the same method (``K = 1`` on a 20-way
+1-shot task); ``ru_maxrss`` scatters by about 10% between runs. Time: minimum over the measured call and
+``--repeats`` further calls of the process CPU time, one thread. CUDA: ``torch.cuda.max_memory_allocated``
+minus the allocation at the baseline; CUDA events.
 
 Cost model (study (b), ``--no-model`` skips it): a worker times, each alone, one gradient of the inner
 objective ``G`` (an inner GD step), one Hessian-vector product of ``G`` (reverse-over-reverse, built from
 scratch: forward + create_graph backward + second backward), and one gradient of the outer (query) loss;
 the model of iMAML-GD's meta-gradient is ``K t_grad + n_CG t_hvp + t_outer`` and the script reports
-``measured / model`` for every K.
+``measured / model`` for every K. For ``imaml_gn`` the product is a Gauss-Newton one (forward-mode Jacobian
+product, criterion Hessian, vector-Jacobian product with the forward re-run) and the model adds one gradient
+(the exact ``grad_phi G`` that the engine reports as a diagnostic): ``(K + 1) t_grad + n_CG t_gn + t_outer``.
 
 Usage (from the repository root)::
 
@@ -66,7 +75,7 @@ if _ROOT not in sys.path:
 
 import bilevel as bl  # noqa: E402
 from _common import (CPU_TIME_NOTE, RESULTS_DIR, current_rss_mib, display_path, environment,  # noqa: E402
-                     maxrss_mib, resolve_device, write_json)
+                     maxrss_mib, resolve_device, tensor_peak_mib, write_json)
 from applications.imaml.algorithms import AlgorithmConfig, MetaLearner, TaskBatch  # noqa: E402
 from applications.imaml.model import ConvNet, init_params  # noqa: E402
 
@@ -76,6 +85,7 @@ WAYS, SHOTS, QUERY = 20, 5, 5
 INNER_LR, LAM, CG_STEPS = 0.1, 2.0, 5
 RESULT_TAG = "RESULT "
 PEERS = ("torchopt", "higher")
+METHODS = ("imaml_gd", "imaml_gn", "imaml_hf", "maml", "fomaml", "torchopt", "higher")
 
 
 
@@ -129,11 +139,15 @@ def _make_run(method: str, k: int, device: torch.device, seed: int, shots: int =
             F.cross_entropy(torch.func.functional_call(net, theta, (xs,)), ys).backward()
             return {}
         return run, theta
-    if method in PEERS:
-        raise SystemExit(f"{method}: peer benchmark not implemented (not installed here).")
+    if method == "torchopt":
+        return _torchopt_run(net, theta, batch, k)
+    if method == "higher":
+        return _higher_run(net, theta, batch, k)
     hf_iter = k if method == "imaml_hf" else 3
-    config = AlgorithmConfig(method, inner_steps=k if method != "imaml_hf" else 1, inner_lr=INNER_LR, lam=LAM,
-                             cg_steps=CG_STEPS, hf_iterations=hf_iter, hf_cg_steps=5, vmap=False)
+    name, curvature = ("imaml_gd", "gauss_newton") if method == "imaml_gn" else (method, "exact")
+    config = AlgorithmConfig(name, inner_steps=k if method != "imaml_hf" else 1, inner_lr=INNER_LR, lam=LAM,
+                             cg_steps=CG_STEPS, hf_iterations=hf_iter, hf_cg_steps=5, vmap=False,
+                             curvature=curvature)
     learner = MetaLearner(net, config)
 
     def run() -> dict[str, Any]:
@@ -144,6 +158,65 @@ def _make_run(method: str, k: int, device: torch.device, seed: int, shots: int =
             stats = learner.meta_gradient(theta, batch)
         return {"negative_curvature": stats.get("negative_curvature")}
     return run, theta
+
+
+def _torchopt_run(net, theta, batch, k):
+    """TorchOpt's implicit iMAML (its iMAML example's pattern): custom_root + normal CG, K plain GD steps."""
+    import torchopt
+
+    names = list(theta)
+    xs, ys, xq, yq = batch.task(0)
+    meta = tuple(theta[n] for n in names)
+
+    def fmodel(params, x):
+        return torch.func.functional_call(net, dict(zip(names, params)), (x,))
+
+    def objective(params, meta_params, x, y):
+        reg = sum(((p - m) ** 2).sum() for p, m in zip(params, meta_params))
+        return F.cross_entropy(fmodel(params, x), y) + 0.5 * LAM * reg
+
+    grad_g = torch.func.grad(objective, argnums=0)
+
+    @torchopt.diff.implicit.custom_root(grad_g, argnums=1,
+                                        solve=torchopt.linear_solve.solve_normal_cg(maxiter=CG_STEPS, atol=0))
+    def inner(params, meta_params, x, y):
+        fixed = tuple(m.detach() for m in meta_params)
+        params = tuple(p.detach() for p in params)
+        for _ in range(k):
+            params = tuple(p - INNER_LR * g for p, g in zip(params, grad_g(params, fixed, x, y)))
+        return params
+
+    def run() -> dict[str, Any]:
+        for p in meta:
+            p.grad = None
+        phi = inner(tuple(m.detach().clone() for m in meta), meta, xs, ys)
+        F.cross_entropy(fmodel(phi, xq), yq).backward()
+        return {}
+    return run, theta
+
+
+def _higher_run(net, theta, batch, k):
+    """higher's unrolled MAML: innerloop_ctx over SGD steps, differentiated through the path."""
+    import higher
+
+    xs, ys, xq, yq = batch.task(0)
+    net = net.to(xs.device)
+    net.requires_grad_(True)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(theta[name])
+    params = dict(net.named_parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=INNER_LR)
+
+    def run() -> dict[str, Any]:
+        for p in params.values():
+            p.grad = None
+        with higher.innerloop_ctx(net, opt, copy_initial_weights=False) as (fnet, diffopt):
+            for _ in range(k):
+                diffopt.step(F.cross_entropy(fnet(xs), ys))
+            F.cross_entropy(fnet(xq), yq).backward()
+        return {}
+    return run, params
 
 
 def _components(device: torch.device, seed: int, repeats: int) -> dict[str, Any]:
@@ -172,8 +245,20 @@ def _components(device: torch.device, seed: int, repeats: int) -> dict[str, Any]
         torch.autograd.grad(F.cross_entropy(torch.func.functional_call(net, phi, (xq,)), yq),
                             [phi[n] for n in names])
 
+    phi_d = {n: t.detach() for n, t in phi.items()}
+
+    def predict(p):
+        return torch.func.functional_call(net, p, (xs,))
+
+    def gn_product():  # J^T H_CE J v + lam v, the forward re-run for the vector-Jacobian product
+        out, jv = torch.func.jvp(predict, (phi_d,), (vec,))
+        _, hjv = torch.func.jvp(torch.func.grad(lambda o: F.cross_entropy(o, ys)), (out,), (jv,))
+        _, pullback = torch.func.vjp(predict, phi_d)
+        (jt,) = pullback(hjv)
+        return {n: jt[n] + LAM * vec[n] for n in names}
+
     out: dict[str, Any] = {}
-    for name, fn in (("grad_G", grad_g), ("hvp", hvp), ("outer_grad", outer)):
+    for name, fn in (("grad_G", grad_g), ("hvp", hvp), ("gn_product", gn_product), ("outer_grad", outer)):
         fn()  # warm-up
         ts = []
         for _ in range(max(repeats, 3)):
@@ -217,6 +302,10 @@ def worker(method: str, k: int, device: torch.device, repeats: int, seed: int) -
         times.append(c.seconds)
         walls.append(c.wall)
     rec.update(time_s=min(times), times_s=times, wall_times_s=walls, threads=torch.get_num_threads())
+    if device.type == "cpu":  # after the timed calls: the profiler slows the call it watches
+        gc.collect()
+        rec["tensor_peak_mib"] = tensor_peak_mib(run)
+        rec["peak_mib"] = rec["tensor_peak_mib"]
     return rec
 
 
@@ -241,7 +330,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             r["time_ratio"] = r["time_s"] / ref["time_s"]
             r["peak_ratio_to_grad"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
     s: dict[str, Any] = {"reference": {"time_s": ref["time_s"], "peak_mib": ref["peak_mib"]}}
-    for m in ("imaml_gd", "imaml_hf", "maml", "fomaml"):
+    for m in METHODS:
         ser = _series(records, m)
         if not ser:
             continue
@@ -260,9 +349,35 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             model.append({"steps": r["steps"], "measured_s": r["time_s"], "model_s": t_model,
                           "measured_over_model": r["time_s"] / t_model,
                           "negative_curvature": r["negative_curvature"]})
+        model_gn = []
+        for r in _series(records, "imaml_gn"):
+            t_model = (r["steps"] + 1) * c["grad_G_s"] + CG_STEPS * c["gn_product_s"] + c["outer_grad_s"]
+            model_gn.append({"steps": r["steps"], "measured_s": r["time_s"], "model_s": t_model,
+                             "measured_over_model": r["time_s"] / t_model})
         s["cost_model"] = {"components_over_grad": {n: c[n + "_s"] / ref["time_s"]
-                                                    for n in ("grad_G", "hvp", "outer_grad")},
-                           "per_k": model}
+                                                    for n in ("grad_G", "hvp", "gn_product", "outer_grad")},
+                           "per_k": model, "per_k_gauss_newton": model_gn}
+    # the issue's targets, as ratios of this run
+    targets: dict[str, Any] = {}
+    for m in ("imaml_gd", "imaml_gn"):
+        if m in s:
+            targets[m] = {"flat_in_k (peak last / first <= 1.05)": s[m]["peak_ratio_last_first"],
+                          "max peak / one-gradient peak (<= 2.5)": max(s[m]["peak_over_grad"])}
+    by_k = {m: {r["steps"]: r["time_s"] for r in _series(records, m)} for m in ("imaml_gd", "imaml_gn", "torchopt")}
+    for m in ("imaml_gd", "imaml_gn"):
+        common = sorted(set(by_k[m]) & set(by_k["torchopt"]))
+        if common:
+            targets.setdefault(m, {})["time / torchopt per K (<= 1)"] = {
+                k: by_k[m][k] / by_k["torchopt"][k] for k in common}
+    peaks = {m: {r["steps"]: r["peak_mib"] for r in _series(records, m)} for m in ("imaml_gd", "imaml_gn", "higher",
+                                                                                    "maml")}
+    for m in ("imaml_gd", "imaml_gn"):
+        for peer in ("higher", "maml"):
+            common = sorted(set(peaks[m]) & set(peaks[peer]))
+            if common:
+                targets.setdefault(m, {})[f"{peer} peak / this peak per K (>= 5 on the GPU target)"] = {
+                    k: peaks[peer][k] / peaks[m][k] for k in common}
+    s["targets"] = targets
     return s
 
 
@@ -273,8 +388,11 @@ def plot(records, summary, device, path, hf_iters) -> None:
     import matplotlib.ticker
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.3))
-    styles = {"imaml_gd": ("C0", "o", "iMAML-GD (CG 5, loop path)"),
-              "maml": ("C3", "s", "MAML (unrolled)"), "fomaml": ("C2", "^", "first-order MAML")}
+    styles = {"imaml_gd": ("C0", "o", "iMAML-GD (CG 5, exact HVPs)"),
+              "imaml_gn": ("C4", "D", "iMAML-GD (CG 5, Gauss-Newton)"),
+              "maml": ("C3", "s", "MAML (unrolled)"), "fomaml": ("C2", "^", "first-order MAML"),
+              "torchopt": ("C5", "v", "TorchOpt implicit iMAML (normal CG 5)"),
+              "higher": ("C7", "x", "higher MAML (unrolled)")}
     ks = sorted({r["steps"] for r in records if r["method"] in styles})
     for m, (col, mk, lab) in styles.items():
         ser = _series(records, m)
@@ -296,7 +414,7 @@ def plot(records, summary, device, path, hf_iters) -> None:
     ax_m.axhline(ref_mib, color="k", ls=":", label="one gradient")
     ax_t.axhline(1.0, color="k", ls=":", label="one gradient")
     clock = "CUDA events" if device.type == "cuda" else "process CPU time, 1 thread"
-    what = "max_memory_allocated" if device.type == "cuda" else "ru_maxrss - baseline"
+    what = "max_memory_allocated" if device.type == "cuda" else "tensor peak"
     ax_t.set(xscale="log", yscale="log", xlabel="inner steps K", ylabel="time / one gradient",
              title=f"meta-gradient time ({clock})")
     ax_m.set(xscale="log", yscale="log", xlabel="inner steps K", ylabel=f"peak memory, MiB ({what})",
@@ -354,18 +472,22 @@ def main(argv: list[str] | None = None) -> int:
     maml_max = args.maml_max_k if args.maml_max_k is not None else (10 ** 9 if device.type == "cuda" else 40)
     hf_iters = args.hf_iters or ([1] if args.quick else [3])
     notes = []
+    peers = []
     for peer in PEERS:
         if importlib.util.find_spec(peer) is None:
-            notes.append(f"{peer} is not installed: skipped (optional peer; this script does not install it).")
+            notes.append(f"{peer} is not installed: skipped (optional peer: pip install -e \".[peers]\").")
             print("note:", notes[-1])
         else:
-            notes.append(f"{peer} is installed but its benchmark is not implemented yet: skipped.")
-            print("note:", notes[-1])
+            peers.append(peer)
     configs = [("grad", 0)] + ([] if args.no_model else [("components", 0)])
-    configs += [("imaml_gd", k) for k in ks] + [("fomaml", k) for k in ks]
+    configs += [("imaml_gd", k) for k in ks] + [("imaml_gn", k) for k in ks] + [("fomaml", k) for k in ks]
     configs += [("maml", k) for k in ks if k <= maml_max] + [("imaml_hf", n) for n in hf_iters]
+    if "torchopt" in peers:
+        configs += [("torchopt", k) for k in ks]
+    if "higher" in peers:
+        configs += [("higher", k) for k in ks if k <= maml_max]
     # longest first, so that the two workers finish together
-    configs.sort(key=lambda c: -(c[1] * (3 if c[0] == "maml" else 1)))
+    configs.sort(key=lambda c: -(c[1] * (3 if c[0] in ("maml", "higher") else 1)))
     start = time.perf_counter()
     load_before = os.getloadavg()
     records = []
@@ -383,14 +505,17 @@ def main(argv: list[str] | None = None) -> int:
         "problem": {"model": "ConvNet(20) from applications/imaml/model.py", "ways": WAYS, "shots": SHOTS,
                     "query_per_class": QUERY, "inner_lr": INNER_LR, "lam": LAM, "cg_steps": CG_STEPS,
                     "imaml_hf": "newton_cg, 5 CG steps per direction, iterations = steps field",
-                    "imaml_gd_path": "MetaLearner loop path (vmap=False), negative_curvature='first_order'"},
+                    "imaml_gd_path": "MetaLearner loop path (vmap=False), negative_curvature='first_order'",
+                    "imaml_gn": "imaml_gd with curvature='gauss_newton'",
+                    "peers": peers},
         "ks": ks, "maml_max_k": None if maml_max >= 10 ** 9 else maml_max, "hf_iters": hf_iters,
         "quick": args.quick, "repeats": args.repeats, "jobs": jobs,
         "time_statistic": "minimum over the measured call and `repeats` further calls",
         "clock": "CUDA events" if device.type == "cuda" else "process CPU time (1 thread)",
         "memory_measure": ("max_memory_allocated - memory_allocated at baseline" if device.type == "cuda" else
-                           "ru_maxrss after one meta-gradient - ru_maxrss after setup and a K=1 warm-up on a "
-                           "20-way 1-shot task; fresh process per configuration"),
+                           "peak_mib: tensor peak of one meta-gradient (torch.profiler allocation events "
+                           "replayed); host_peak_mib: ru_maxrss after one meta-gradient - ru_maxrss after setup "
+                           "and a K=1 warm-up on a 20-way 1-shot task; fresh process per configuration"),
         "notes": notes, "environment": environment(device),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "time_note": CPU_TIME_NOTE if device.type == "cpu" else "times from CUDA events",
@@ -407,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         if "time_s" in r and r["method"] != "grad":
             print(f"{r['method']:10s} {r['steps']:4d} {r['peak_mib']:9.1f} {r['peak_ratio_to_grad']:9.2f} "
                   f"{r['time_ratio']:9.2f}")
-    for m in ("imaml_gd", "imaml_hf", "maml", "fomaml"):
+    for m in METHODS:
         if m in summary:
             s = summary[m]
             print(f"{m}: peak(K={s['steps'][1]}) / peak(K={s['steps'][0]}) = {s['peak_ratio_last_first']:.2f} "
@@ -419,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         for pk in cm["per_k"]:
             print(f"  imaml_gd K={pk['steps']:4d}: measured/model = {pk['measured_over_model']:.2f} "
                   f"(negative curvature: {pk['negative_curvature']})")
+        for pk in cm["per_k_gauss_newton"]:
+            print(f"  imaml_gn K={pk['steps']:4d}: measured/model = {pk['measured_over_model']:.2f}")
+    print("targets: " + json.dumps(summary["targets"], indent=1))
     if device.type == "cpu":
         print(CPU_TIME_NOTE)
     print(f"wrote {display_path(jp)} and {display_path(pp)}")

@@ -20,7 +20,7 @@ from . import tree as _tree
 from ._checks import check_finite_tree, check_scalar, check_structure
 from ._functorch import in_transform
 
-__all__ = ["InnerProblem", "ProximalProblem", "PredictionLoss", "GaussNewtonParts", "CRITERIA"]
+__all__ = ["InnerProblem", "ProximalProblem", "PredictionLoss"]
 
 
 class InnerProblem:
@@ -84,6 +84,8 @@ class InnerProblem:
     def gauss_newton_parts(self) -> "GaussNewtonParts | None":
         """The split of ``G`` that Gauss-Newton curvature needs, or ``None`` (a plain objective has none).
 
+        The split has attributes ``predict(phi, data)``, ``criterion(outputs, data)`` and
+        ``rest(phi, theta, hyper)``, with ``G = criterion(predict(phi)) + rest``.
         :class:`ProximalProblem` returns one when its loss is a :class:`PredictionLoss`.
         """
         return None
@@ -292,8 +294,9 @@ class PredictionLoss:
     criterion:
         ``criterion(outputs, data) -> scalar tensor``, convex in ``outputs``
         for Gauss-Newton to be positive semi-definite; or the name of a
-        built-in one in :data:`CRITERIA` (``"cross_entropy"``, ``"mse"``),
-        which read the targets from ``data[-1]``.
+        built-in one: ``"cross_entropy"`` (mean cross-entropy of logits) or
+        ``"mse"`` (half the mean squared error), which read the targets from
+        ``data[-1]``.
 
     Examples
     --------

@@ -294,7 +294,8 @@ class MetaLearner:
             grad, info = bl.hypergradient(problem, outer, detached, phi, data, linear_solver=self.linear,
                                           hvp=self.hvp_vmap)
             negative = info.linear_solve.extra.get("negative_curvature", torch.zeros((), dtype=torch.bool))
-            if self.config.negative_curvature == "first_order":  # per task, without a branch
+            # per task, without a branch; Gauss-Newton systems (lam I + PSD) have no negative curvature
+            if self.config.negative_curvature == "first_order" and self.config.curvature == "exact":
                 first_order = torch.func.grad(outer)(phi, detached)
                 grad = {k: torch.where(negative, first_order[k], g) for k, g in grad.items()}
             logits = self.logits(phi, xq)
