@@ -120,7 +120,7 @@ def plot(records: list[dict[str, Any]], payload: dict[str, Any], device: torch.d
     a2.set(xscale="log", xlabel="meta-batch size", ylabel="time(vmap) / time(loop)", title="vmap / loop")
     a3.axhline(1.0, color="k", ls=":", label="one query gradient")
     a3.set(xscale="log", xlabel="meta-batch size", ylabel="peak per task / one query-loss gradient's peak",
-           title=f"peak memory per task ({payload.get('memory_measure', '')})")
+           title="peak memory per task (" + ("max_memory_allocated" if device.type == "cuda" else "tensor peak") + ")")
     for ax in (a1, a2, a3):
         ax.set_xticks(bs)
         ax.set_xticklabels([str(b) for b in bs])
