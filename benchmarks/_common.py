@@ -66,6 +66,19 @@ def tensor_peak_mib(fn: Callable[[], Any]) -> float:
     return peak / 2 ** 20
 
 
+def peak_memory_mib(device: torch.device, fn: Callable[[], Any]) -> float:
+    """Peak memory of ``fn()`` above what was allocated before it, in MiB: the CUDA allocator's
+    ``max_memory_allocated`` on a GPU, :func:`tensor_peak_mib` on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    return tensor_peak_mib(fn)
+
+
 def current_rss_mib() -> float | None:
     """The current resident set size in MiB, where psutil can read it (for the baseline's slack)."""
     try:

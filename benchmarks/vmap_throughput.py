@@ -43,7 +43,7 @@ if _ROOT not in sys.path:
 
 import bilevel as bl  # noqa: E402
 from _common import (CPU_TIME_NOTE, RESULTS_DIR, display_path, environment, resolve_device,  # noqa: E402
-                     tensor_peak_mib, write_json)
+                     peak_memory_mib, write_json)
 from applications.imaml.algorithms import AlgorithmConfig, MetaLearner, TaskBatch  # noqa: E402
 from applications.imaml.model import ConvNet, init_params  # noqa: E402
 
@@ -66,18 +66,6 @@ def _clock(device: torch.device, fn) -> tuple[float, float]:
     return time.process_time() - c0, time.perf_counter() - t0
 
 
-def _peak_mib(device: torch.device, fn) -> float:
-    """Peak memory of ``fn()`` above what was allocated before, MiB (CUDA allocator or CPU tensor peak)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    return tensor_peak_mib(fn)
-
-
 def _one_gradient_peaks(net, theta, device, seed) -> dict[str, float]:
     """Peak of one gradient of one task's support loss and of its query loss (the per-task references)."""
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +79,7 @@ def _one_gradient_peaks(net, theta, device, seed) -> dict[str, float]:
             torch.autograd.grad(torch.nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y),
                                 list(params.values()))
         one()
-        out[name] = _peak_mib(device, one)
+        out[name] = peak_memory_mib(device, one)
     return out
 
 
@@ -187,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.warmup):
                 call(name)
             grads[name] = torch.cat([t.grad.reshape(-1) for t in theta.values()]).clone()
-            peaks[name] = _peak_mib(device, lambda: call(name))
+            peaks[name] = peak_memory_mib(device, lambda: call(name))
         times: dict[str, list[float]] = {n: [] for n in paths}
         walls: dict[str, list[float]] = {n: [] for n in paths}
         for _ in range(repeats):

@@ -209,3 +209,36 @@ def test_prediction_loss_is_the_composed_loss(gen):
     problem = bl.ProximalProblem(loss, lam=2.0)
     assert problem.gauss_newton_parts() is not None
     assert bl.ProximalProblem(lambda p, d: loss(p, d), lam=2.0).gauss_newton_parts() is None
+
+
+def test_tree_outputs_give_the_same_products_inside_and_outside_vmap(gen):
+    """predict may return a tree: (logits, extra output) with a criterion over both equals one stacked output."""
+    X, y = make_data(gen)
+    target = torch.randn(N, 2, generator=gen)
+
+    def two_heads(phi, data):
+        h = torch.tanh(data[0] @ phi["w1"])
+        return {"logits": h @ phi["w2"], "reg": h[:, :2]}
+
+    def crit_tree(out, data):
+        return F.cross_entropy(out["logits"], data[1]) + 0.5 * ((out["reg"] - target) ** 2).mean()
+
+    def stacked(phi, data):
+        o = two_heads(phi, data)
+        return torch.cat([o["logits"], o["reg"]], dim=1)
+
+    def crit_stacked(out, data):
+        return crit_tree({"logits": out[:, :C], "reg": out[:, C:]}, data)
+
+    phi, theta = random_phi(gen), random_phi(gen)
+    x, spec = T.flatten(phi)
+    yf, _ = T.flatten(theta)
+    v = torch.randn(x.shape, generator=gen)
+    tree = linearize(bl.ProximalProblem(bl.PredictionLoss(two_heads, crit_tree), 0.5), x, spec, yf, spec, (X, y),
+                     [], "gauss_newton")
+    flat = linearize(bl.ProximalProblem(bl.PredictionLoss(stacked, crit_stacked), 0.5), x, spec, yf, spec, (X, y),
+                     [], "gauss_newton")
+    expected = flat.hvp(v)
+    torch.testing.assert_close(tree.hvp(v), expected, rtol=1e-12, atol=1e-12)
+    batched = torch.func.vmap(tree.hvp)(torch.stack([v, 2 * v]))  # the torch.func branch
+    torch.testing.assert_close(batched[1], 2 * expected, rtol=1e-12, atol=1e-12)

@@ -28,6 +28,10 @@ import warnings
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.utils._pytree as _pytree
+
+from .._functorch import in_transform
 
 __all__ = ["HVP_MODES", "EXACT_HVP_MODES", "DEFAULT_HVP_MODE", "Linearization", "GaussNewtonLinearization", "hvp"]
 
@@ -146,21 +150,43 @@ class GaussNewtonLinearization:
         self.y = y.detach()
         self.extra = [e.detach() for e in extra]
         self.count = 0
-        self.grad = torch.func.grad(fn, argnums=0)(self.x, self.y, self.extra).detach()
+        if in_transform():
+            self.grad = torch.func.grad(fn, argnums=0)(self.x, self.y, self.extra).detach()
+        else:  # autograd holds fewer temporaries than torch.func.grad here
+            with torch.enable_grad():
+                x0 = self.x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(fn(x0, self.y, self.extra), x0, allow_unused=True)
+            self.grad = torch.zeros_like(self.x) if g is None else g.detach()
         self._crit_grad = torch.func.grad(criterion)
         self._rest_grad = torch.func.grad(rest, argnums=0)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``(J^T H_c J + d2rest/dx2) v`` (1-D, like ``x``)."""
         self.count += 1
-        with warnings.catch_warnings():  # torch's first forward-mode call emits an internal deprecation
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-            out, jv = torch.func.jvp(self.predict, (self.x,), (v,))
-        _, hjv = torch.func.jvp(self._crit_grad, (out,), (jv,))
-        del jv
-        _, pullback = torch.func.vjp(self.predict, self.x)
-        (jt,) = pullback(hjv)
-        del pullback, hjv
+        if in_transform():  # under vmap: torch.func throughout
+            with warnings.catch_warnings():  # torch's first forward-mode call emits an internal deprecation
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
+                                        category=FutureWarning)
+                out, jv = torch.func.jvp(self.predict, (self.x,), (v,))
+            _, hjv = torch.func.jvp(self._crit_grad, (out,), (jv,))
+            del jv
+            _, pullback = torch.func.vjp(self.predict, self.x)
+            (jt,) = pullback(hjv)
+            del pullback, hjv
+        else:  # outside transforms the autograd APIs hold fewer temporaries than torch.func's (measured on the
+            # 4-conv net, 20-way 5-shot: the peak of a Gauss-Newton backward fell from 158 to 119 MiB)
+            with torch.no_grad(), fwAD.dual_level():
+                duals = self.predict(fwAD.make_dual(self.x, v))
+                out = _pytree.tree_map(lambda t: fwAD.unpack_dual(t).primal, duals)
+                jv = _pytree.tree_map(lambda t: fwAD.unpack_dual(t).tangent, duals)
+                del duals
+            _, hjv = torch.func.jvp(self._crit_grad, (out,), (jv,))
+            del jv
+            with torch.enable_grad():
+                x = self.x.detach().requires_grad_(True)
+                outs, cots = _pytree.tree_flatten(self.predict(x))[0], _pytree.tree_flatten(hjv)[0]
+                (jt,) = torch.autograd.grad(outs, x, cots)
+            del hjv
         _, rv = torch.func.jvp(lambda x: self._rest_grad(x, self.y, self.extra), (self.x,), (v,))
         return jt + rv
 
