@@ -196,3 +196,60 @@ def test_budget_and_breakdown_warnings_can_be_told_apart():
             bl.linalg.get("cg")(lambda v: -v, torch.ones(3))
     assert issubclass(bl.BudgetWarning, bl.ConvergenceWarning) and issubclass(bl.BreakdownWarning,
                                                                                 bl.ConvergenceWarning)
+
+
+# ----------------------------------------------------------------------- tol=0: no read-back per step
+
+_FIXED = [("gd", {"step_size": 0.002}), ("agd", {"step_size": 0.002, "mu": 0.05}),
+          ("agd", {"smoothness": 400.0, "restart": False})]
+
+
+def _both_loops(problem, theta, data, name, options, max_iter, phi0=None):
+    """The same solver with tol=0 (values read back once, at the end) and with a tol no iterate reaches
+    (the step-by-step loop): everything they return must agree."""
+    fast = bl.solve(problem, theta, data, solver=bl.solvers.get(name, max_iter=max_iter, tol=0.0, **options),
+                    phi0=phi0)
+    slow = bl.solve(problem, theta, data, solver=bl.solvers.get(name, max_iter=max_iter, tol=1e-300, **options),
+                    phi0=phi0)
+    return fast, slow
+
+
+@pytest.mark.parametrize("name, options", _FIXED)
+@pytest.mark.parametrize("max_iter", [0, 1, 7, 60])
+def test_tol_zero_runs_without_per_step_read_back_and_equals_the_loop(name, options, max_iter, monkeypatch):
+    ref = bl.testing.ridge_regression(seed=0)
+    reads = []
+    for attr in ("item", "__float__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, attr)
+
+        def counted(self, *a, _original=original, _attr=attr, **k):
+            reads.append(_attr)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, attr, counted)
+    solver = bl.solvers.get(name, max_iter=max_iter, tol=0.0, **options)
+    x0, spec = bl.tree.flatten(ref.theta)
+    fun = bl.solvers.Objective(ref.problem, ref.theta, ref.data, spec)
+    reads.clear()
+    solver.run(fun, x0)
+    assert len(reads) <= 2 + 2, f"{len(reads)} read-backs for {max_iter} steps: {reads[:8]}"  # grad norms, values
+    monkeypatch.undo()
+    fast, slow = _both_loops(ref.problem, ref.theta, ref.data, name, options, max_iter)
+    assert torch.equal(fast.phi, slow.phi)
+    assert (fast.status, fast.iterations, fast.converged) == (slow.status, slow.iterations, slow.converged)
+    assert fast.history == slow.history and fast.grad_norm == slow.grad_norm and fast.value == slow.value
+
+
+def test_tol_zero_stops_like_the_loop_at_an_exact_stationary_point_and_at_overflow():
+    problem = bl.InnerProblem(lambda phi, theta, data: ((phi - theta) ** 2).sum())
+    theta = torch.tensor([1.0, 2.0])
+    fast, slow = _both_loops(problem, theta, None, "gd", {"step_size": 0.5}, 10,
+                             phi0=torch.zeros(2))  # the exact minimiser after one step
+    assert fast.status is slow.status is bl.SolverStatus.CONVERGED
+    assert fast.iterations == slow.iterations == 1 and torch.equal(fast.phi, slow.phi)
+    assert fast.history == slow.history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bl.ConvergenceWarning)
+        fast, slow = _both_loops(problem, theta, None, "gd", {"step_size": 1e300}, 10, phi0=torch.zeros(2))
+    assert fast.status is slow.status is bl.SolverStatus.NONFINITE
+    assert fast.iterations == slow.iterations and torch.equal(fast.phi, slow.phi)
+    assert torch.isfinite(fast.phi).all() and fast.history == slow.history

@@ -147,6 +147,10 @@ class Objective:
     functional:
         True inside a ``torch.func`` transform (e.g. ``vmap`` over tasks):
         derivatives then come from ``torch.func`` and no value is read back.
+    read_back:
+        False while the shared loop runs without per-step read-backs (``tol=0``
+        with a fixed step): a step must then test values on the device
+        (``torch.where``) instead of with ``float()`` / ``bool()``.
     """
 
     def __init__(self, problem: InnerProblem, theta: Any, data: Any, spec: _tree.TreeSpec):
@@ -159,6 +163,7 @@ class Objective:
         self.nhvp = 0
         #: inside a torch.func transform (vmap over tasks): derivatives by torch.func, no read-backs
         self.functional = in_transform()
+        self.read_back = True
 
     def unflatten(self, x: torch.Tensor) -> Any:
         """``x`` as a tree in ``phi``'s structure (views)."""
@@ -304,6 +309,8 @@ class IterativeSolver(Solver):
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
         if fun.functional:
             return self._run_fixed(fun, x0)
+        if self.tol == 0.0 and self.vmappable:
+            return self._run_unsynced(fun, x0)
         state = self.init(fun, x0.detach().clone())
         history: dict[str, list] = {"grad_norm": [], "value": []}
         last_good = state
@@ -337,6 +344,56 @@ class IterativeSolver(Solver):
         return SolveResult(state.x, status.success, max(iterations, 0), gn, status, status.value,
                            history, val, self.name, fun.stats())
 
+
+    def _run_unsynced(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
+        """The shared loop without reading values back at every step (``tol == 0``, a fixed step size).
+
+        With ``tol == 0`` the loop runs ``max_iter`` steps unless an iterate is exactly stationary or
+        non-finite; those tests move to the device (the iterate to return is selected with
+        ``torch.where``) and the values are read back once, at the end. On a GPU this removes a host
+        synchronisation per inner step. The result is the one of the step-by-step loop: the same
+        point, status, iteration count and history.
+        """
+        fun.read_back = False
+        try:
+            return self._unsynced_loop(fun, x0)
+        finally:
+            fun.read_back = True
+
+    def _unsynced_loop(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
+        state = self.init(fun, x0.detach().clone())
+        grad_norms, values, records = [], [], []
+        keep = state.x
+        alive = torch.ones((), dtype=torch.bool, device=state.x.device)
+        for k in range(self.max_iter + 1):
+            gn = torch.linalg.vector_norm(state.grad)
+            grad_norms.append(gn)
+            values.append(state.value.detach())
+            finite = torch.isfinite(gn) & torch.isfinite(state.value)
+            keep = torch.where(alive & finite, state.x, keep)
+            alive = alive & finite & (gn > 0)
+            if k < self.max_iter:
+                state = self.step(fun, state, k)
+                records.append(state.record)
+        gns = torch.stack(grad_norms).tolist()  # the one read-back
+        vals = torch.stack(values).tolist()
+        status, last = SolverStatus.MAX_ITER, self.max_iter
+        for k, (gn, val) in enumerate(zip(gns, vals)):
+            if not (math.isfinite(gn) and math.isfinite(val)):
+                status, last = SolverStatus.NONFINITE, k
+                break
+            if gn <= self.tol:
+                status, last = SolverStatus.CONVERGED, k
+                break
+        kept = last if status is SolverStatus.NONFINITE else last + 1  # history holds finite iterates only
+        history: dict[str, list] = {"grad_norm": gns[:kept], "value": vals[:kept]}
+        for record in records[:last]:  # the steps the step-by-step loop would have taken
+            for key, item in record.items():
+                history.setdefault(key, []).append(item)
+        gn = history["grad_norm"][-1] if kept else float("nan")
+        val = history["value"][-1] if kept else float("nan")
+        return SolveResult(keep, status.success, last, gn, status, status.value, history, val, self.name,
+                           fun.stats())
 
     def _run_fixed(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
         """Inside a torch.func transform: exactly ``max_iter`` steps, no convergence test, no read-back."""
