@@ -154,7 +154,7 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
         ``"reverse"`` runs as ``"forward"``: reverse-over-reverse cannot run there); or
         ``"gauss_newton"``, which replaces the loss's Hessian by its Gauss-Newton matrix (needs a
         :class:`bilevel.ProximalProblem` whose loss is a :class:`bilevel.PredictionLoss`; see
-        :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, about half the
+        :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, less than half the
         memory of the exact modes, exact when the predictor is linear in ``phi``.
 
     Returns
@@ -652,7 +652,7 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
         ``"reverse"`` runs as ``"forward"``: reverse-over-reverse cannot run there); or
         ``"gauss_newton"``, which replaces the loss's Hessian by its Gauss-Newton matrix (needs a
         :class:`bilevel.ProximalProblem` whose loss is a :class:`bilevel.PredictionLoss`; see
-        :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, about half the
+        :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, less than half the
         memory of the exact modes, exact when the predictor is linear in ``phi``.
     full_output:
         Also return the :class:`bilevel.SolveResult` of the forward solve.

@@ -90,7 +90,7 @@ class AlgorithmConfig:
         The curvature in iMAML's backward linear system: ``"exact"`` (default; the Hessian of
         the support loss, reverse-over-reverse products on the loop path, forward-over-reverse
         under vmap) or ``"gauss_newton"`` (its Gauss-Newton matrix through the network's
-        logits: positive semi-definite, so CG never meets negative curvature, and about half
+        logits: positive semi-definite, so CG never meets negative curvature, and less than half
         the memory; ``hvp="gauss_newton"`` in :func:`bilevel.hypergradient`).
     """
 

@@ -97,6 +97,8 @@ def _table2() -> dict[str, ExperimentConfig]:
     out["omniglot-5w1s-gd-cpu"] = out["omniglot-5w1s-gd"].replace(
         meta_batch=8, meta_steps=150, eval_episodes=600, eval_every=0, checkpoint_every=50,
         algorithm={"inner_steps": 8, "vmap": False})  # on a CPU the loop over tasks is faster than vmap
+    # the same with Gauss-Newton curvature in the backward (no negative curvature, no first-order fallback)
+    out["omniglot-5w1s-gn-cpu"] = out["omniglot-5w1s-gd-cpu"].replace(algorithm={"curvature": "gauss_newton"})
     return out
 
 
