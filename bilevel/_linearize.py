@@ -14,6 +14,7 @@ from .problem import InnerProblem
 
 
 def gauss_newton_error(problem: InnerProblem) -> ValueError:
+    """The error for ``hvp="gauss_newton"`` on a problem without a prediction/criterion split, with the fix."""
     return ValueError(
         f"hvp='gauss_newton' needs to know where the predictions end and the loss begins, and {problem!r} does "
         f"not say: build it as bl.ProximalProblem(bl.PredictionLoss(predict, criterion), lam) with "

@@ -257,23 +257,9 @@ def test_negative_curvature_falls_back_to_the_first_order_direction(monkeypatch)
         torch.testing.assert_close(t.grad, expected[k])
 
 
-def test_vmap_and_loop_agree_when_tasks_meet_negative_curvature():
-    torch.set_default_dtype(torch.float64)
-    net = ConvNet(3)
-    b = fixed_batch(tasks=4, seed=3)
-    batch = TaskBatch(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y)
-    results = {}
-    for vmap in (False, True):
-        theta = init_params(net, seed=7)
-        learner = MetaLearner(net, small_config("imaml_gd", vmap=vmap, lam=0.01, inner_steps=1, inner_lr=0.5))
-        stats = learner.meta_gradient(theta, batch)
-        results[vmap] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats["negative_curvature"])
-    assert results[False][1] == results[True][1] > 0, results
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-8, atol=1e-10)
-
-
-def test_gauss_newton_curvature_vmap_equals_loop_and_never_meets_negative_curvature():
-    """The setting of the test above, where exact curvature is indefinite: Gauss-Newton stays definite."""
+def indefinite_setting(**extra):
+    """A float64 batch and a weak proximal term (lam 0.01, one inner step) where exact curvature is
+    indefinite: {vmap: (flat meta-gradient, negative-curvature count)} for the loop and vmap paths."""
     torch.set_default_dtype(torch.float64)
     net = ConvNet(3)
     b = fixed_batch(tasks=4, seed=3)
@@ -282,9 +268,21 @@ def test_gauss_newton_curvature_vmap_equals_loop_and_never_meets_negative_curvat
     for vmap in (False, True):
         theta = init_params(net, seed=7)
         learner = MetaLearner(net, small_config("imaml_gd", vmap=vmap, lam=0.01, inner_steps=1, inner_lr=0.5,
-                                                curvature="gauss_newton"))
+                                                **extra))
         stats = learner.meta_gradient(theta, batch)
         results[vmap] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats["negative_curvature"])
+    return results, net, batch
+
+
+def test_vmap_and_loop_agree_when_tasks_meet_negative_curvature():
+    results, _, _ = indefinite_setting()
+    assert results[False][1] == results[True][1] > 0, results
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-8, atol=1e-10)
+
+
+def test_gauss_newton_curvature_vmap_equals_loop_and_never_meets_negative_curvature():
+    """The setting of the test above, where exact curvature is indefinite: Gauss-Newton stays definite."""
+    results, net, batch = indefinite_setting(curvature="gauss_newton")
     assert results[False][1] == results[True][1] == 0, results
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-8, atol=1e-10)
     # and it is not the first-order direction: the Gauss-Newton solve changed the gradient

@@ -66,6 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line (``configs``, ``train``, ``evaluate``) on ``argv``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m applications.imaml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -45,6 +45,7 @@ DEFAULT_HVP_MODE = "reverse"
 
 
 def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`HVP_MODES`; otherwise raise ``ValueError`` listing them."""
     if not isinstance(mode, str) or mode not in HVP_MODES:
         raise ValueError(f"unknown hvp mode {mode!r}; available: {', '.join(HVP_MODES)}.")
     return mode
