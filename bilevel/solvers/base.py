@@ -371,7 +371,7 @@ class IterativeSolver(Solver):
             values.append(state.value.detach())
             finite = torch.isfinite(gn) & torch.isfinite(state.value)
             keep = torch.where(alive & finite, state.x, keep)
-            alive = alive & finite & (gn > 0)
+            alive = alive & finite & (gn > self.tol)  # the loop's stopping tests, on the device
             if k < self.max_iter:
                 state = self.step(fun, state, k)
                 records.append(state.record)
