@@ -39,10 +39,10 @@ def newton_with_python_line_search(problem, theta, data, phi0):
 SOLVER_CASES = [*SOLVERS, "user_callable"]
 
 
-def make_solver(name):
+def make_solver(name, ref=None):
     if name == "user_callable":
         return bl.solvers.get(newton_with_python_line_search, tol=1e-9)
-    return tight_solver(name)
+    return tight_solver(name, ref)
 
 
 def test_every_registered_solver_has_a_tolerance_entry():
@@ -55,7 +55,7 @@ def test_every_registered_solver_has_a_tolerance_entry():
 def test_hypergradient_agrees_with_reference(solver_name, problem_name):
     ref = REFERENCE_PROBLEMS[problem_name]()
     theta = bl.tree.map(lambda t: t.clone().requires_grad_(True), ref.theta)
-    phi, result = bl.argmin(ref.problem, theta, ref.data, solver=make_solver(solver_name),
+    phi, result = bl.argmin(ref.problem, theta, ref.data, solver=make_solver(solver_name, ref),
                             linear_solver=bl.linalg.get("cg", max_iter=500, tol=1e-13), phi0=ref.phi0,
                             full_output=True)
     assert result.converged, result.message
