@@ -9,14 +9,14 @@ import torch
 
 from . import tree as _tree
 from ._functorch import in_transform
-from .linalg.hvp import GaussNewtonLinearization, Linearization, check_mode
+from .linalg.hvp import GAUSS_NEWTON_MODES, GaussNewtonLinearization, Linearization, check_mode
 from .problem import InnerProblem
 
 
-def gauss_newton_error(problem: InnerProblem) -> ValueError:
-    """The error for ``hvp="gauss_newton"`` on a problem without a prediction/criterion split, with the fix."""
+def gauss_newton_error(problem: InnerProblem, mode: str = "gauss_newton") -> ValueError:
+    """The error for a Gauss-Newton ``hvp`` on a problem without a prediction/criterion split, with the fix."""
     return ValueError(
-        f"hvp='gauss_newton' needs to know where the predictions end and the loss begins, and {problem!r} does "
+        f"hvp={mode!r} needs to know where the predictions end and the loss begins, and {problem!r} does "
         f"not say: build it as bl.ProximalProblem(bl.PredictionLoss(predict, criterion), lam) with "
         f"predict(phi, data) -> outputs and criterion(outputs, data) -> scalar (e.g. 'cross_entropy'), or use "
         f"hvp='reverse' / 'forward' (exact Hessian products).")
@@ -25,8 +25,8 @@ def gauss_newton_error(problem: InnerProblem) -> ValueError:
 def check_hvp(problem: InnerProblem, mode: str) -> str:
     """Validate ``mode`` and, for Gauss-Newton, that ``problem`` has the structure it needs."""
     check_mode(mode)
-    if mode == "gauss_newton" and problem.gauss_newton_parts() is None:
-        raise gauss_newton_error(problem)
+    if mode in GAUSS_NEWTON_MODES and problem.gauss_newton_parts() is None:
+        raise gauss_newton_error(problem, mode)
     return mode
 
 
@@ -45,7 +45,7 @@ def linearize(problem: InnerProblem, phi_flat: torch.Tensor, phi_spec: _tree.Tre
                              extra if use_hyper else None)
 
     check_hvp(problem, mode)
-    if mode == "gauss_newton":
+    if mode in GAUSS_NEWTON_MODES:
         parts = problem.gauss_newton_parts()
 
         def predict(x):
@@ -58,7 +58,13 @@ def linearize(problem: InnerProblem, phi_flat: torch.Tensor, phi_spec: _tree.Tre
             return parts.rest(_tree.unflatten(x, phi_spec), _tree.unflatten(y, theta_spec),
                               extra if use_hyper else None)
 
-        return GaussNewtonLinearization(fn, predict, criterion, rest, phi_flat, theta_flat, hyper)
+        diagonal = None
+        if getattr(parts, "rest_diagonal", None) is not None:
+            diagonal, _ = _tree.flatten(parts.rest_diagonal(_tree.unflatten(theta_flat, theta_spec),
+                                                            hyper if use_hyper else None))
+            diagonal = diagonal.detach()
+        return GaussNewtonLinearization(fn, predict, criterion, rest, phi_flat, theta_flat, hyper,
+                                        jacobian=mode == "gauss_newton_jacobian", rest_diagonal=diagonal)
     if mode == "reverse" and in_transform():
         mode = "forward"
     return Linearization(fn, phi_flat, theta_flat, hyper, mode)

@@ -207,7 +207,15 @@ class ProximalProblem(InnerProblem):
         """``(predict, criterion, proximal_term)`` when the loss is a :class:`PredictionLoss`, else ``None``."""
         if not isinstance(self.loss, PredictionLoss):
             return None
-        return GaussNewtonParts(self.loss.predict, self.loss.criterion, self.proximal_term)
+        return GaussNewtonParts(self.loss.predict, self.loss.criterion, self.proximal_term, self.proximal_diagonal)
+
+    def proximal_diagonal(self, theta: Any, hyper: Sequence[torch.Tensor] | None = None) -> Any:
+        """The Hessian of :meth:`proximal_term` in ``phi``, a diagonal: ``lam`` broadcast to ``theta``'s leaves."""
+        lt = _tree.leaves(theta)
+        lams = self._lam_leaves(lt, hyper)
+        diag = [torch.broadcast_to(torch.as_tensor(lam, dtype=t.dtype, device=t.device).detach(), t.shape)
+                for lam, t in zip(lams, lt)]
+        return _tree.unflatten(torch.cat([d.reshape(-1) for d in diag]), _tree.tree_spec(theta))
 
     __call__ = value
 
@@ -340,7 +348,15 @@ class GaussNewtonParts:
     everything that depends on ``theta`` or on hyper-parameters (for iMAML,
     the proximal term) and gets its exact Hessian; the prediction loss gets
     the Gauss-Newton one.
+
+    ``rest_diagonal(theta, hyper)``, when given, returns the Hessian of
+    ``rest`` in ``phi`` as a tree like ``theta`` of its diagonal (it must not
+    depend on ``phi``): the engine then multiplies by it instead of
+    differentiating ``rest`` twice for every product. For the proximal term
+    it is ``lam`` broadcast to each parameter.
     """
 
-    def __init__(self, predict: Callable, criterion: Callable, rest: Callable):
+    def __init__(self, predict: Callable, criterion: Callable, rest: Callable,
+                 rest_diagonal: Callable | None = None):
         self.predict, self.criterion, self.rest = predict, criterion, rest
+        self.rest_diagonal = rest_diagonal

@@ -34,8 +34,9 @@ def random_phi(gen, scale=1.0):
     return {"w1": scale * torch.randn(D, H, generator=gen), "w2": scale * torch.randn(H, C, generator=gen)}
 
 
+@pytest.mark.parametrize("mode", bl.linalg.GAUSS_NEWTON_MODES)
 @pytest.mark.parametrize("criterion", ["cross_entropy", "mse", softplus_criterion])
-def test_products_equal_the_explicit_gauss_newton_matrix(gen, criterion):
+def test_products_equal_the_explicit_gauss_newton_matrix(gen, criterion, mode):
     regression = criterion == "mse"
     X, y = make_data(gen, regression)
     if criterion is softplus_criterion:
@@ -46,7 +47,7 @@ def test_products_equal_the_explicit_gauss_newton_matrix(gen, criterion):
     phi, theta = random_phi(gen), random_phi(gen)
     x, spec = T.flatten(phi)
     y_flat, _ = T.flatten(theta)
-    lin = linearize(problem, x, spec, y_flat, spec, data, [], "gauss_newton")
+    lin = linearize(problem, x, spec, y_flat, spec, data, [], mode)
 
     def outputs(v):
         return mlp(T.unflatten(v, spec), data).reshape(-1)
@@ -62,7 +63,7 @@ def test_products_equal_the_explicit_gauss_newton_matrix(gen, criterion):
     # the gradient is the exact one, not an approximation
     exact = torch.func.grad(lambda v: problem.value(T.unflatten(v, spec), theta, data))(x)
     torch.testing.assert_close(lin.grad, exact)
-    assert lin.count == 3 and lin.mode == "gauss_newton"
+    assert lin.count == 3 and lin.mode == mode
 
 
 def test_linear_predictor_cross_entropy_gives_the_exact_hypergradient(gen):
@@ -157,7 +158,8 @@ def test_no_negative_curvature_where_the_exact_hessian_has_some(gen):
     assert any("p^T A p" in str(w.message) for w in caught)
 
 
-def test_under_vmap_equals_the_loop(gen):
+@pytest.mark.parametrize("mode", bl.linalg.GAUSS_NEWTON_MODES)
+def test_under_vmap_equals_the_loop(gen, mode):
     n_tasks = 3
     Xs, ys = torch.randn(n_tasks, N, D, generator=gen), torch.randint(0, C, (n_tasks, N), generator=gen)
     problem = bl.ProximalProblem(bl.PredictionLoss(mlp), lam=1.5)
@@ -168,7 +170,7 @@ def test_under_vmap_equals_the_loop(gen):
     def one(X, y):
         phi = bl.solve(problem, theta, (X, y), solver=solver).phi
         g, _ = bl.hypergradient(problem, lambda p, t: F.cross_entropy(mlp(p, (X, y)), y), theta, phi, (X, y),
-                                linear_solver=lin, hvp="gauss_newton")
+                                linear_solver=lin, hvp=mode)
         return g
 
     with warnings.catch_warnings():
@@ -188,6 +190,8 @@ def test_clear_errors(gen):
     with pytest.raises(ValueError, match="gauss_newton"):
         bl.implicit_vjp(bl.InnerProblem(lambda p, t, d: (p["w1"] ** 2).sum()), theta, theta, None, theta,
                         hvp="gauss_newton")
+    with pytest.raises(ValueError, match=r"hvp='gauss_newton_jacobian' needs .*bl\.PredictionLoss"):
+        bl.argmin(plain, theta, (X, y), hvp="gauss_newton_jacobian")
     with pytest.raises(ValueError, match=r"unknown hvp mode 'gn'; available: reverse, forward, gauss_newton"):
         bl.implicit_vjp(plain, theta, theta, (X, y), theta, hvp="gn")
     with pytest.raises(ValueError, match=r"unknown criterion 'hinge'; available: cross_entropy, mse"):
@@ -211,7 +215,8 @@ def test_prediction_loss_is_the_composed_loss(gen):
     assert bl.ProximalProblem(lambda p, d: loss(p, d), lam=2.0).gauss_newton_parts() is None
 
 
-def test_tree_outputs_give_the_same_products_inside_and_outside_vmap(gen):
+@pytest.mark.parametrize("mode", bl.linalg.GAUSS_NEWTON_MODES)
+def test_tree_outputs_give_the_same_products_inside_and_outside_vmap(gen, mode):
     """predict may return a tree: (logits, extra output) with a criterion over both equals one stacked output."""
     X, y = make_data(gen)
     target = torch.randn(N, 2, generator=gen)
@@ -235,10 +240,11 @@ def test_tree_outputs_give_the_same_products_inside_and_outside_vmap(gen):
     yf, _ = T.flatten(theta)
     v = torch.randn(x.shape, generator=gen)
     tree = linearize(bl.ProximalProblem(bl.PredictionLoss(two_heads, crit_tree), 0.5), x, spec, yf, spec, (X, y),
-                     [], "gauss_newton")
+                     [], mode)
     flat = linearize(bl.ProximalProblem(bl.PredictionLoss(stacked, crit_stacked), 0.5), x, spec, yf, spec, (X, y),
                      [], "gauss_newton")
     expected = flat.hvp(v)
     torch.testing.assert_close(tree.hvp(v), expected, rtol=1e-12, atol=1e-12)
     batched = torch.func.vmap(tree.hvp)(torch.stack([v, 2 * v]))  # the torch.func branch
     torch.testing.assert_close(batched[1], 2 * expected, rtol=1e-12, atol=1e-12)
+

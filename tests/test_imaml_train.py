@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import signal
 
 import pytest
 import torch
 
-from applications.imaml.algorithms import ALGORITHMS, AlgorithmConfig, MetaLearner, TaskBatch
+from applications.imaml.algorithms import ALGORITHMS, TASK_DIAGNOSTICS, AlgorithmConfig, MetaLearner, TaskBatch
 from applications.imaml.configs import CONFIGS, PAPER_TABLE2, ExperimentConfig, get_config
 from applications.imaml.data import EpisodeSampler
 from applications.imaml.model import ConvNet, init_params
-from applications.imaml.train import Trainer, atomic_save, confidence_interval
+from applications.imaml.train import (CheckpointError, CheckpointMismatchError, Trainer, atomic_save,
+                                     confidence_interval)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +65,12 @@ def test_one_meta_step_lowers_the_meta_training_loss(name):
     batch = fixed_batch()
     before = query_loss_after_adaptation(learner, theta, batch)
     stats = learner.meta_gradient(theta, batch)
-    assert set(stats) == {"query_loss", "query_accuracy", "negative_curvature"}
+    expected = {"query_loss", "query_accuracy", "negative_curvature"}
+    if name == "imaml_gd":  # the loop path reports what decides each task's meta-gradient
+        expected |= {f"{k}_{s}" for k in TASK_DIAGNOSTICS for s in ("mean", "max")}
+        assert stats["inner_grad_norm_max"] >= stats["inner_grad_norm_mean"] > 0
+        assert 0 <= stats["cg_relative_residual_mean"] < 1
+    assert set(stats) == expected
     grads = [t.grad for t in theta.values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     with torch.no_grad():  # a plain gradient step along the meta-gradient
@@ -179,6 +187,134 @@ def test_resume_refuses_another_config_and_a_missing_checkpoint(tmp_path):
         make_trainer(tmp_path / "a", lam=3.0).resume()
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         make_trainer(tmp_path / "empty").resume()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run of ``make_trainer``: (flat parameters, history)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        trainer = make_trainer(tmp_path_factory.mktemp("straight"))
+        trainer.train()
+    finally:
+        torch.set_default_dtype(old)
+    return params(trainer), trainer.history
+
+
+def signal_after_sampling(trainer, at_step, *signals):
+    """Send ``signals`` to this process right after the trainer draws the batch of meta-step ``at_step``:
+    in the middle of that step, where the sampler has moved on but the parameters not yet."""
+    sample, calls = trainer.train_sampler.sample, []
+
+    def sample_then_signal(batch_size):
+        episode = sample(batch_size)
+        calls.append(batch_size)
+        if len(calls) == at_step:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return episode
+
+    trainer.train_sampler.sample = sample_then_signal
+
+
+def logged_steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(history):
+    return [r["query_loss"] for r in history]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_step_finishes_the_step_saves_it_and_resume_is_exact(tmp_path, straight_run, sig):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    interrupted = make_trainer(tmp_path)
+    signal_after_sampling(interrupted, 3, sig)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+    assert interrupted.step == interrupted.saved_step == torch.load(interrupted.checkpoint_path)["step"] == 3
+    resumed = make_trainer(tmp_path)
+    resumed.resume()
+    assert resumed.step == 3
+    resumed.train()
+    torch.testing.assert_close(params(resumed), straight_run[0], rtol=0, atol=0)
+    assert losses(resumed.history) == losses(straight_run[1])
+    assert logged_steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_consistent_checkpoint(tmp_path, straight_run):
+    interrupted = make_trainer(tmp_path)  # checkpoints every 2 steps
+    signal_after_sampling(interrupted, 3, signal.SIGTERM, signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert interrupted.saved_step == torch.load(interrupted.checkpoint_path)["step"] == 2  # not the half step 3
+    resumed = make_trainer(tmp_path)
+    resumed.resume()
+    resumed.train()
+    torch.testing.assert_close(params(resumed), straight_run[0], rtol=0, atol=0)
+    assert logged_steps(tmp_path) == [1, 2, 3, 4]
+
+
+class Killed(BaseException):
+    """Stands for kill -9: the process ends on the spot, nothing is saved."""
+
+
+def test_after_a_kill_resume_logs_every_step_once(tmp_path, straight_run):
+    dying = make_trainer(tmp_path)  # checkpoints every 2 steps
+
+    def die_after_logging_step_3(record):
+        if record["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        dying.train(on_step=die_after_logging_step_3)
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "query_lo')  # and a line torn by the kill
+    assert torch.load(dying.checkpoint_path)["step"] == 2
+    before = metrics.read_text()
+    evaluation = make_trainer(tmp_path)
+    evaluation.resume(training=False)  # evaluating writes nothing into the run folder
+    assert evaluation.step == 2 and metrics.read_text() == before
+    resumed = make_trainer(tmp_path)
+    resumed.resume()
+    assert logged_steps(tmp_path) == [1, 2]
+    resumed.train()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert losses(records) == losses(straight_run[1])
+    torch.testing.assert_close(params(resumed), straight_run[0], rtol=0, atol=0)
+
+
+def test_resume_names_a_damaged_checkpoint(tmp_path):
+    make_trainer(tmp_path).save()
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"the checkpoint {re.escape(str(path))} is unreadable \(.*\); it is "
+                                              r"truncated or not a checkpoint: delete it and train again"):
+        make_trainer(tmp_path).resume()
+    torch.save({"step": 1}, path)
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint of this application \(it lacks format, config"):
+        make_trainer(tmp_path).resume()
+    assert issubclass(CheckpointError, RuntimeError)
+    assert issubclass(CheckpointMismatchError, CheckpointError) and issubclass(CheckpointMismatchError, ValueError)
+
+
+def test_checkpoint_carries_every_cuda_devices_random_state(tmp_path, monkeypatch):
+    if not torch.cuda.is_initialized():
+        assert make_trainer(tmp_path).state_dict()["cuda_rng"] is None
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    restored = {}
+    for name, fake in {"is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: 2,
+                       "get_rng_state_all": lambda: states,
+                       "set_rng_state": lambda state, device: restored.__setitem__(device, state)}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    make_trainer(tmp_path).save()
+    make_trainer(tmp_path).resume()
+    assert sorted(restored) == [0, 1]
+    assert all(torch.equal(restored[i], states[i]) for i in range(2))
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -308,5 +444,5 @@ def test_gauss_newton_curvature_lowers_the_meta_training_loss(name):
 
 
 def test_curvature_option_is_validated():
-    with pytest.raises(ValueError, match="curvature must be one of 'exact', 'gauss_newton', got 'gn'"):
+    with pytest.raises(ValueError, match="curvature must be one of 'exact', 'gauss_newton', 'gauss_newton_jacobian', got 'gn'"):
         AlgorithmConfig("imaml_gd", curvature="gn")

@@ -4,9 +4,18 @@ Examples::
 
     python -m applications.imaml configs
     python -m applications.imaml train --config omniglot-5w1s-gd-cpu --data-dir data/omniglot --out runs/cpu
+    python -m applications.imaml train --config omniglot-5w1s-gd-cpu --ways 20 --shots 5 --algorithm maml --out runs/x
     python -m applications.imaml train --config omniglot-20w5s-hf --device cuda --out runs/20w5s-hf
-    python -m applications.imaml train ... --resume          # continue exactly after Ctrl-C or a crash
-    python -m applications.imaml evaluate --out runs/cpu --episodes 600
+    python -m applications.imaml train --config omniglot-20w5s-hf --device cuda --out runs/20w5s-hf --resume
+    python -m applications.imaml evaluate --out runs/cpu --episodes 600   # writes runs/cpu/eval-600.json
+
+``train`` writes ``run.json`` (the data and cache folders and the device it
+used) into the run folder, so ``evaluate`` and ``train --resume`` need only
+``--out``; ``--data-dir``, ``--cache-dir`` and ``--device`` given to them win.
+Ctrl-C or SIGTERM finishes the current meta-step, saves a checkpoint and exits
+with status 130; ``--resume`` then continues exactly. A mistake in the
+arguments, the data or the run folder ends with one line ``error: ...`` on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,14 +24,21 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import torch
 
+from .algorithms import ALGORITHMS, CURVATURES
 from .configs import CONFIGS, ExperimentConfig, get_config
 
 DEFAULT_DATA_DIR = os.environ.get("BILEVEL_DATA", "data/omniglot")
+#: The file in a run folder that records where ``train`` found its data.
+RUN_FILE = "run.json"
+
+logger = logging.getLogger(__name__)
 
 
 def build_samplers(config: ExperimentConfig, data_dir: str, *, cache_dir: str | None, download: bool,
@@ -45,56 +61,385 @@ def build_samplers(config: ExperimentConfig, data_dir: str, *, cache_dir: str | 
     return train, test, channels, size
 
 
-def _device(name: str) -> torch.device:
+# -- errors and argument types -------------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line ``error: ...`` (status 2) that points to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message if "python -m applications.imaml" in message else f"{message} (see: {self.prog} --help)")
+
+
+def _integer(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``; ``what`` says what the number counts.
+
+    Examples
+    --------
+    >>> _integer(1, "meta-steps")("3")
+    3
+    >>> _integer(1, "meta-steps")("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: must be an integer >= 1 (meta-steps), got 0
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} ({what}), got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} ({what}), got {value}")
+        return value
+
+    return parse
+
+
+def _number(what: str, *, allow_zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float > 0 (>= 0 with ``allow_zero``).
+
+    Examples
+    --------
+    >>> _number("inner step size")("0.1")
+    0.1
+    """
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {bound} ({what}), got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound} ({what}), got {text}")
+        return value
+
+    return parse
+
+
+def _config_name(text: str) -> str:
+    """An argparse type: a name of :data:`~applications.imaml.configs.CONFIGS`.
+
+    Examples
+    --------
+    >>> _config_name("omniglot-5w1s-gd-cpu")
+    'omniglot-5w1s-gd-cpu'
+    """
+    if text not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown config {text!r}; available: {', '.join(sorted(CONFIGS))} "
+                                         f"(python -m applications.imaml configs describes them)")
+    return text
+
+
+def _device_name(text: str) -> str:
+    """An argparse type: a torch device name (``cpu``, ``cuda``, ``cuda:1``, ...).
+
+    Examples
+    --------
+    >>> _device_name("cuda:1")
+    'cuda:1'
+    """
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:<index>") from None
+    return text
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used on this machine, or None."""
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
-    return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name} was asked for, but torch sees no CUDA device; use --device cpu."
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return (f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                    f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name} was asked for, but torch sees no MPS device; use --device cpu."
+    return None
+
+
+_CLI_HINTS = (
+    # the data loaders' messages speak to Python callers; on the command line the same fix is a flag
+    (re.compile(r"(?:call )?load_omniglot\(\.\.\., download=True\)"), "rerun with --download"),
+    (re.compile(r";\s*for a deliberately partial data set pass expected_counts=None \(or your own table\)"), ""),
+)
+
+
+def _data_error(error: Exception, config: ExperimentConfig) -> NoReturn:
+    """Report a data-loading failure with the command line's fix."""
+    message = str(error).strip()
+    for pattern, replacement in _CLI_HINTS:
+        message = pattern.sub(replacement, message)
+    if isinstance(error, FileNotFoundError):
+        if config.dataset == "omniglot" and "--download" not in message:
+            message += " Or rerun with --download to fetch images_background.zip and images_evaluation.zip."
+        message += " If the data is elsewhere, point --data-dir (or $BILEVEL_DATA) at its folder."
+    _fail(message)
+
+
+# -- the run folder --------------------------------------------------------------------------------------
+
+
+def _read_run_file(out: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder (``{}`` if there is none: runs of older versions)."""
+    path = out / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        run = json.loads(path.read_text())
+        if not isinstance(run, dict):
+            raise ValueError(f"expected a JSON object, found {type(run).__name__}")
+    except (OSError, ValueError) as e:
+        _fail(f"{path} is unreadable ({e}); delete it and pass --data-dir and --cache-dir.")
+    return run
+
+
+def _write_run_file(out: Path, **fields: Any) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(json.dumps(fields, indent=2) + "\n", out / RUN_FILE)
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file, not a run folder; pass a folder (it is created if missing).")
+
+
+# -- the parser --------------------------------------------------------------------------------------------
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", default=None,
                    help="folder with images_background.zip / images_evaluation.zip (or their extracted folders); "
-                        "default $BILEVEL_DATA or data/omniglot")
-    p.add_argument("--cache-dir", default=None, help="where the preprocessed tensors go (default $BILEVEL_CACHE "
-                                                     "or ~/.cache/bilevel)")
+                        "default: the run's (run.json), else $BILEVEL_DATA or data/omniglot")
+    p.add_argument("--cache-dir", default=None, help="where the preprocessed tensors go; default: the run's "
+                                                     "(run.json), else $BILEVEL_CACHE or ~/.cache/bilevel")
     p.add_argument("--download", action="store_true", help="download the official archives if they are missing")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--device", type=_device_name, default=None,
+                   help="cpu, cuda, cuda:1, ... (default: train cpu; evaluate and --resume: the run's)")
+    p.add_argument("--threads", type=_integer(1, "CPU threads"), default=1,
                    help="CPU threads for torch (default 1: the network is small, more threads mostly contend)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line (``configs``, ``train``, ``evaluate``) on ``argv``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m applications.imaml", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m applications.imaml", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("configs", help="list the named configurations")
 
     tr = sub.add_parser("train", help="meta-train, then evaluate on meta-test episodes")
-    tr.add_argument("--config", required=True, help="a name from `configs`")
+    tr.add_argument("--config", required=True, type=_config_name, help="a name from `configs`")
     tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, learning_curve.png, "
-                                                 "summary.json")
-    tr.add_argument("--steps", type=int, default=None, help="override the config's meta_steps")
-    tr.add_argument("--meta-batch", type=int, default=None, help="override the config's meta_batch")
-    tr.add_argument("--eval-episodes", type=int, default=None, help="override the config's eval_episodes")
+                                                 "summary.json, run.json")
+    positive = [("--steps", "meta_steps", "meta-steps"), ("--meta-batch", "meta_batch", "tasks per meta-step"),
+                ("--eval-episodes", "eval_episodes", "episodes of the final evaluation"),
+                ("--checkpoint-every", "checkpoint_every", "meta-steps between checkpoints"),
+                ("--shots", "k_shot", "support images per class"), ("--query", "k_query", "query images per class")]
+    for flag, field, text in positive:
+        tr.add_argument(flag, type=_integer(1, text), default=None, help=f"override the config's {field} ({text})")
+    tr.add_argument("--ways", type=_integer(2, "classes per episode"), default=None,
+                    help="override the config's n_way (classes per episode)")
+    tr.add_argument("--seed", type=_integer(0, "the seed of initialisation, class split and episodes"), default=None,
+                    help="override the config's seed (initialisation, class split, episode stream)")
+    tr.add_argument("--algorithm", choices=ALGORITHMS, default=None,
+                    help="override the config's algorithm (its other options, e.g. inner steps, stay)")
     tr.add_argument("--no-vmap", action="store_true", help="loop over the tasks of a meta-batch")
-    tr.add_argument("--curvature", choices=("exact", "gauss_newton"), default=None,
+    tr.add_argument("--curvature", choices=CURVATURES, default=None,
                     help="curvature of iMAML's backward linear system (override the config's; default exact)")
-    for flag, kind, text in (("--lam", float, "proximal strength"), ("--inner-steps", int, "inner GD steps"),
-                             ("--inner-lr", float, "inner step size"), ("--cg-steps", int, "CG steps of the backward"),
-                             ("--damping", float, "damping of the backward linear system")):
+    for flag, kind, text in (("--lam", _number("proximal strength"), "proximal strength"),
+                             ("--inner-steps", _integer(1, "inner GD steps"), "inner GD steps"),
+                             ("--inner-lr", _number("inner step size"), "inner step size"),
+                             ("--cg-steps", _integer(1, "CG steps"), "CG steps of the backward"),
+                             ("--damping", _number("damping", allow_zero=True), "damping of the backward system")):
         tr.add_argument(flag, type=kind, default=None, help=f"override the config's {text}")
-    tr.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue from --out's checkpoint (same config and "
+                                                          "overrides; --steps may grow)")
     _add_common(tr)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint")
+    ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint; writes <out>/eval-<episodes>.json")
     ev.add_argument("--out", required=True, help="the run folder of `train`")
-    ev.add_argument("--episodes", type=int, default=600)
+    ev.add_argument("--episodes", type=_integer(1, "meta-test episodes"), default=600,
+                    help="meta-test episodes (default 600)")
     _add_common(ev)
+    return parser
 
-    args = parser.parse_args(argv)
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+
+def _train_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The named config with the command line's overrides, checked before any data is loaded."""
+    from .algorithms import AlgorithmConfig
+
+    config = get_config(args.config)
+    fields = {"steps": "meta_steps", "meta_batch": "meta_batch", "eval_episodes": "eval_episodes",
+              "checkpoint_every": "checkpoint_every", "ways": "n_way", "shots": "k_shot", "query": "k_query",
+              "seed": "seed"}
+    changes: dict[str, Any] = {field: getattr(args, key) for key, field in fields.items()
+                               if getattr(args, key) is not None}
+    algo = {key: getattr(args, key) for key in ("lam", "inner_steps", "inner_lr", "cg_steps", "damping",
+                                                "curvature")
+            if getattr(args, key) is not None}
+    if args.algorithm is not None:
+        algo["name"] = args.algorithm
+    if args.no_vmap:
+        algo["vmap"] = False
+    if algo:
+        changes["algorithm"] = algo
+    config = config.replace(**changes) if changes else config
+    try:
+        AlgorithmConfig(**config.algorithm)
+    except (TypeError, ValueError) as e:
+        _fail(f"config {args.config} with the overrides given: {e}")
+    return config
+
+
+def _devices(args: argparse.Namespace, run: dict[str, Any]) -> torch.device:
+    name = args.device
+    if name is None:
+        name = run.get("device") or "cpu"
+        if _device_problem(name) is not None:
+            logger.warning("the run used --device %s, which this machine lacks; using cpu", name)
+            name = "cpu"
+    problem = _device_problem(name)
+    if problem:
+        _fail(problem)
+    return torch.device(name)
+
+
+def _load(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any], device: torch.device):
+    """``(data_dir, cache_dir, samplers...)``: the command line's folders, else the run's, else the defaults."""
+    from .data import DatasetError
+
+    data_dir = args.data_dir or run.get("data_dir") or DEFAULT_DATA_DIR
+    cache_dir = args.cache_dir if args.cache_dir is not None else run.get("cache_dir")
+    try:
+        samplers = build_samplers(config, data_dir, cache_dir=cache_dir, download=args.download, device=device,
+                                  progress=not args.quiet)
+    except (FileNotFoundError, DatasetError) as e:
+        _data_error(e, config)
+    except ValueError as e:  # the episode shape does not fit the data (EpisodeSampler)
+        _fail(f"{e} (--ways, --shots and --query set the episode shape)")
+    except OSError as e:
+        _fail(f"cannot read the data ({e}); check --data-dir and --cache-dir.")
+    return data_dir, cache_dir, samplers
+
+
+def _report(name: str, config: ExperimentConfig, result, **extra: Any) -> None:
+    from .train import results_table
+
+    print(results_table([(name, config, result)]))
+    print(json.dumps({"accuracy": result.accuracy, "ci95": result.ci95, "episodes": result.episodes, **extra}))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, Trainer, read_checkpoint
+
+    config = _train_config(args)
+    out = Path(args.out)
+    _check_out(out)
+    checkpoint = out / "checkpoint.pt"
+    run: dict[str, Any] = {}
+    if args.resume:
+        if not checkpoint.is_file():
+            _fail(f"--resume: no checkpoint at {checkpoint}; start without --resume, or pass the --out of the run "
+                  f"to continue.")
+        try:  # before the data are loaded, which may take a while
+            read_checkpoint(checkpoint, config)
+        except CheckpointError as e:
+            _fail(f"--resume: {e}")
+        run = _read_run_file(out)
+    device = _devices(args, run)
+    data_dir, cache_dir, (train_s, test_s, channels, size) = _load(config, args, run, device)
+    try:
+        trainer = Trainer(config, out, train_s, test_s, device=device, in_channels=channels, image_size=size,
+                          progress=not args.quiet)
+    except ValueError as e:  # the network does not fit the images (configs' network options)
+        _fail(f"config {args.config}: {e}")
+    if args.resume:
+        try:
+            trainer.resume()
+        except (FileNotFoundError, CheckpointError) as e:
+            _fail(f"--resume: {e}")
+    elif checkpoint.exists():
+        logger.warning("%s holds an earlier run: starting over and replacing it (pass --resume to continue it)", out)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    _write_run_file(out, config=args.config, data_dir=_absolute(data_dir), cache_dir=_absolute(cache_dir),
+                    device=str(device))
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        if trainer.saved_step is None:
+            note = "no checkpoint was written yet; start again without --resume"
+        elif trainer.saved_step == trainer.step:
+            note = f"checkpoint of step {trainer.step} saved in {out}; continue with --resume"
+        else:
+            note = f"the checkpoint in {out} holds step {trainer.saved_step}; continue with --resume"
+        print(f"\ninterrupted: {note}", file=sys.stderr)
+        return 130
+    seconds = trainer.history[-1]["seconds"] if trainer.history else 0.0
+    print(f"trained {trainer.step} meta-steps ({seconds:.0f} s in this session); curve: "
+          f"{out / 'learning_curve.png'}")
+    try:
+        result = trainer.final_evaluation()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during the final evaluation; the trained checkpoint is in {out}: evaluate it with "
+              f"python -m applications.imaml evaluate --out {out}", file=sys.stderr)
+        return 130
+    _report(args.config, config, result, step=trainer.step)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, Trainer, read_checkpoint
+
+    out = Path(args.out)
+    _check_out(out)
+    checkpoint = out / "checkpoint.pt"
+    if not checkpoint.is_file():
+        _fail(f"no checkpoint at {checkpoint}; train first (python -m applications.imaml train --out {out} ...), "
+              f"or pass the --out of a trained run.")
+    try:
+        config = ExperimentConfig(**read_checkpoint(checkpoint)["config"])
+    except CheckpointError as e:
+        _fail(str(e))
+    run = _read_run_file(out)
+    device = _devices(args, run)
+    _, _, (train_s, test_s, channels, size) = _load(config, args, run, device)
+    trainer = Trainer(config, out, train_s, test_s, device=device, in_channels=channels, image_size=size,
+                      progress=not args.quiet)
+    try:
+        trainer.resume(training=False)
+    except (FileNotFoundError, CheckpointError) as e:
+        _fail(str(e))
+    filename = f"eval-{args.episodes}.json"
+    result = trainer.final_evaluation(args.episodes, filename=filename)
+    _report(out.name, config, result, step=trainer.step, file=str(out / filename))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line (``configs``, ``train``, ``evaluate``) on ``argv``; returns the exit status.
+
+    A mistake (arguments, data, run folder, checkpoint) prints one line
+    ``error: ...`` on stderr and raises ``SystemExit(2)``; an interruption
+    returns 130.
+    """
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "configs":
         for name in sorted(CONFIGS):
@@ -102,63 +447,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<26} {c.n_way:>2}-way {c.k_shot}-shot  {c.algorithm['name']:<9} "
                   f"meta_batch={c.meta_batch} steps={c.meta_steps}")
         return 0
-
-    from .train import Trainer, results_table
-
-    torch.set_num_threads(max(1, args.threads))
-    device = _device(args.device)
-    if args.command == "train":
-        config = get_config(args.config)
-        changes = {}
-        if args.steps is not None:
-            changes["meta_steps"] = args.steps
-        if args.meta_batch is not None:
-            changes["meta_batch"] = args.meta_batch
-        if args.eval_episodes is not None:
-            changes["eval_episodes"] = args.eval_episodes
-        algo = {key: getattr(args, key) for key in ("lam", "inner_steps", "inner_lr", "cg_steps", "damping",
-                                                    "curvature")
-                if getattr(args, key) is not None}
-        if args.no_vmap:
-            algo["vmap"] = False
-        if algo:
-            changes["algorithm"] = algo
-        config = config.replace(**changes) if changes else config
-        name = args.config
-    else:
-        ckpt = Path(args.out) / "checkpoint.pt"
-        if not ckpt.exists():
-            raise SystemExit(f"no checkpoint at {ckpt}; train first (python -m applications.imaml train ...).")
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
-        config = ExperimentConfig(**saved)
-        name = Path(args.out).name
-
-    train_s, test_s, channels, size = build_samplers(config, args.data_dir, cache_dir=args.cache_dir,
-                                                    download=args.download, device=device, progress=not args.quiet)
-    trainer = Trainer(config, args.out, train_s, test_s, device=device, in_channels=channels, image_size=size,
-                      progress=not args.quiet)
-    if args.command == "train":
-        if args.resume:
-            trainer.resume()
-        elif trainer.checkpoint_path.exists():
-            logging.getLogger(__name__).warning(
-                "%s holds an earlier run: starting over and replacing it (pass --resume to continue it)", args.out)
-            (Path(args.out) / "metrics.jsonl").unlink(missing_ok=True)
-        try:
-            trainer.train()
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: checkpoint saved in {args.out}; continue with --resume", file=sys.stderr)
-            return 130
-        seconds = trainer.history[-1]["seconds"] if trainer.history else 0.0
-        print(f"trained {trainer.step} meta-steps ({seconds:.0f} s in this session); curve: "
-              f"{Path(args.out) / 'learning_curve.png'}")
-        result = trainer.final_evaluation()
-    else:
-        trainer.resume()
-        result = trainer.final_evaluation(args.episodes)
-    print(results_table([(name, config, result)]))
-    print(json.dumps({"accuracy": result.accuracy, "ci95": result.ci95, "episodes": result.episodes}))
-    return 0
+    torch.set_num_threads(args.threads)
+    try:
+        return _train(args) if args.command == "train" else _evaluate(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from torch import nn
 
 import bilevel as bl
 
-__all__ = ["ALGORITHMS", "CURVATURES", "AlgorithmConfig", "MetaLearner", "TaskBatch"]
+__all__ = ["ALGORITHMS", "CURVATURES", "TASK_DIAGNOSTICS", "AlgorithmConfig", "MetaLearner", "TaskBatch"]
 
 ALGORITHMS = ("imaml_gd", "imaml_hf", "maml", "fomaml", "reptile")
 #: Curvatures of iMAML's backward linear system (:attr:`AlgorithmConfig.curvature`).
-CURVATURES = ("exact", "gauss_newton")
+CURVATURES = ("exact", "gauss_newton", "gauss_newton_jacobian")
 
 
 @dataclass
@@ -91,7 +91,10 @@ class AlgorithmConfig:
         the support loss, reverse-over-reverse products on the loop path, forward-over-reverse
         under vmap) or ``"gauss_newton"`` (its Gauss-Newton matrix through the network's
         logits: positive semi-definite, so CG never meets negative curvature, and less than half
-        the memory; ``hvp="gauss_newton"`` in :func:`bilevel.hypergradient`).
+        the memory; ``hvp="gauss_newton"`` in :func:`bilevel.hypergradient`), or
+        ``"gauss_newton_jacobian"``: the same matrix with the logits' Jacobian on the support set
+        built once per task, so that CG's products cost almost nothing (for small support sets:
+        5-way 1-shot has 25 logits).
     """
 
     name: str
@@ -130,6 +133,22 @@ class AlgorithmConfig:
         return asdict(self)
 
 
+#: Per-task facts that decide a meta-gradient's quality, summarised per meta-step by :meth:`MetaLearner.meta_gradient`
+#: (mean and max over the tasks, as ``<name>_mean`` / ``<name>_max``): the inner stationarity
+#: ``||grad_phi G||`` at the end of the inner loop, CG's relative residual ``||b - A v|| / ||b||`` (loop path only)
+#: and the norm of the task's meta-gradient.
+TASK_DIAGNOSTICS = ("inner_grad_norm", "cg_relative_residual", "task_grad_norm")
+
+
+def _summarise(diagnostics: dict[str, list[float]]) -> dict[str, float]:
+    out = {}
+    for key, values in diagnostics.items():
+        if values:
+            out[f"{key}_mean"] = sum(values) / len(values)
+            out[f"{key}_max"] = max(values)
+    return out
+
+
 class MetaLearner:
     """Computes meta-gradients and adapted parameters for one algorithm.
 
@@ -151,7 +170,7 @@ class MetaLearner:
     ...                   torch.rand(2, 3, 1, 28, 28, generator=g), torch.arange(3).repeat(2, 1))
     >>> stats = learner.meta_gradient(theta, batch)
     >>> sorted(stats), theta["head.weight"].grad.shape
-    (['negative_curvature', 'query_accuracy', 'query_loss'], torch.Size([3, 64]))
+    (['negative_curvature', 'query_accuracy', 'query_loss', 'task_grad_norm_max', 'task_grad_norm_mean'], torch.Size([3, 64]))
     """
 
     def __init__(self, model: nn.Module, config: AlgorithmConfig):
@@ -161,9 +180,9 @@ class MetaLearner:
         self.inner_gd = bl.solvers.get("gd", step_size=c.inner_lr, max_iter=c.inner_steps, tol=0.0)
         self.inner_hf = bl.solvers.get("newton_cg", max_iter=c.hf_iterations, cg_max_iter=c.hf_cg_steps, tol=0.0)
         self.linear = bl.linalg.get("cg", max_iter=c.cg_steps, tol=0.0, damping=c.damping)
-        gauss_newton = c.curvature == "gauss_newton"
-        self.hvp_loop = "gauss_newton" if gauss_newton else "reverse"  # one task at a time
-        self.hvp_vmap = "gauss_newton" if gauss_newton else "forward"  # under torch.func.vmap
+        gauss_newton = c.curvature != "exact"
+        self.hvp_loop = c.curvature if gauss_newton else "reverse"  # one task at a time
+        self.hvp_vmap = c.curvature if gauss_newton else "forward"  # under torch.func.vmap
 
     # -- the task loss and problems --------------------------------------------------------------
     def logits(self, phi: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +241,7 @@ class MetaLearner:
         if c.name == "imaml_gd" and c.vmap and log_lam is None:
             return self._imaml_vmap(theta, batch)
         stats = {"query_loss": 0.0, "query_accuracy": 0.0, "negative_curvature": 0}
+        diagnostics: dict[str, list[float]] = {}
         n = len(batch)
         for i in range(n):
             xs, ys, xq, yq = batch.task(i)
@@ -233,8 +253,10 @@ class MetaLearner:
                         t.grad = (t.grad if t.grad is not None else torch.zeros_like(t)) + (t.detach() - phi[k]) / n
                     logits = self.logits(phi, xq)
                 elif c.name == "imaml_gd" and log_lam is None and c.negative_curvature == "first_order":
-                    logits, negative = self._imaml_task(theta, xs, ys, xq, yq, n)
+                    logits, negative, facts = self._imaml_task(theta, xs, ys, xq, yq, n)
                     stats["negative_curvature"] += int(negative)
+                    for key, value in facts.items():
+                        diagnostics.setdefault(key, []).append(value)
                 else:
                     phi = self._differentiable_phi(theta, xs, ys, log_lam)
                     logits = self.logits(phi, xq)
@@ -243,6 +265,7 @@ class MetaLearner:
             with torch.no_grad():
                 stats["query_loss"] += float(F.cross_entropy(logits, yq)) / n
                 stats["query_accuracy"] += float((logits.argmax(-1) == yq).float().mean()) / n
+        stats.update(_summarise(diagnostics))
         return stats
 
     def _imaml_task(self, theta, xs, ys, xq, yq, n):
@@ -264,8 +287,10 @@ class MetaLearner:
             grad = torch.func.grad(outer)(phi, detached)
         for k, t in theta.items():
             t.grad = grad[k] / n if t.grad is None else t.grad + grad[k] / n
+        facts = {"inner_grad_norm": info.inner_grad_norm, "cg_relative_residual": info.relative_residual,
+                 "task_grad_norm": float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grad.values()])))}
         with torch.no_grad():
-            return self.logits(phi, xq), negative
+            return self.logits(phi, xq), negative, facts
 
     def _differentiable_phi(self, theta, xs, ys, log_lam):
         c = self.config
@@ -307,5 +332,6 @@ class MetaLearner:
         for k, t in theta.items():
             g = grads[k].mean(0)
             t.grad = g if t.grad is None else t.grad + g
+        task_norms = torch.linalg.vector_norm(torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]), dim=0)
         return {"query_loss": float(losses.mean()), "query_accuracy": float(accs.mean()),
-                "negative_curvature": int(negative.sum())}
+                "negative_curvature": int(negative.sum()), **_summarise({"task_grad_norm": task_norms.tolist()})}

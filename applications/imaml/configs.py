@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["ExperimentConfig", "CONFIGS", "PAPER_TABLE2", "get_config"]
+__all__ = ["ExperimentConfig", "CONFIGS", "PAPER_TABLE2", "DEFAULT_NETWORK", "PEER_NETWORK", "get_config"]
+
+#: The paper's network: four conv blocks with padding, He initialisation.
+DEFAULT_NETWORK: dict[str, Any] = {"blocks": 4, "padding": 1, "hidden": 64, "init": "he"}
+#: The network of higher's and TorchOpt's Omniglot examples: three blocks without padding, PyTorch's init.
+PEER_NETWORK: dict[str, Any] = {"blocks": 3, "padding": 0, "hidden": 64, "init": "torch"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class ExperimentConfig:
         Steps between checkpoints.
     seed:
         Seeds the initialisation, the class split and the episode stream.
+    network:
+        Keyword arguments of :class:`applications.imaml.model.ConvNet` (``blocks``, ``padding``,
+        ``hidden``) and ``init``, the scheme of :func:`applications.imaml.model.init_params`.
+        Default: the paper's 4-block net with padding and He initialisation.
     """
 
     dataset: str = "omniglot"
@@ -48,6 +57,7 @@ class ExperimentConfig:
     eval_every: int = 1000
     checkpoint_every: int = 500
     seed: int = 0
+    network: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NETWORK))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -57,6 +67,8 @@ class ExperimentConfig:
         """A copy with some fields changed (``algorithm`` entries are merged, not replaced)."""
         if "algorithm" in changes:
             changes["algorithm"] = {**self.algorithm, **changes["algorithm"]}
+        if "network" in changes:
+            changes["network"] = {**self.network, **changes["network"]}
         return replace(self, **changes)
 
 

@@ -35,10 +35,31 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
     Readers see either the old file or the complete new one; on any failure the
     temporary file is removed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "run" / "checkpoint.pt"
+    >>> atomic_save({"step": 3}, path)
+    >>> torch.load(path)["step"]
+    3
     """
     _atomic(Path(path), "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to ``path`` atomically (same guarantee as :func:`atomic_save`)."""
+    """Write ``text`` to ``path`` atomically (same guarantee as :func:`atomic_save`).
+
+    Used to rewrite files that a crash must never leave half-written, such as a
+    run's ``metrics.jsonl`` when a resumed run drops the records logged after
+    its checkpoint.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    >>> atomic_write_text('{"step": 1}\\n', path)
+    >>> path.read_text()
+    '{"step": 1}\\n'
+    """
     _atomic(Path(path), "w", lambda f: f.write(text))

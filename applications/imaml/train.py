@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +20,113 @@ from .configs import PAPER_TABLE2, ExperimentConfig
 from .io import atomic_save, atomic_write_text
 from .model import ConvNet, init_params
 
-__all__ = ["Trainer", "evaluate", "confidence_interval", "atomic_save", "EvalResult"]
+__all__ = ["Trainer", "evaluate", "confidence_interval", "atomic_save", "EvalResult", "CheckpointError",
+           "CheckpointMismatchError", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+#: Formats of :meth:`Trainer.state_dict` that :func:`read_checkpoint` reads (1 lacks the CUDA and
+#: meta-test sampler states).
+CHECKPOINT_FORMATS = (1, 2)
+_CHECKPOINT_KEYS = ("format", "config", "step", "theta", "optimizer", "train_sampler", "torch_rng", "history")
+#: Fields of :class:`~applications.imaml.configs.ExperimentConfig` a resumed run may change: they leave the
+#: trajectory of the parameters and of every random stream as it is (how long, how often to save, how many
+#: final evaluation episodes).
+RESUMABLE_CHANGES = ("meta_steps", "checkpoint_every", "eval_episodes")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: truncated, not a checkpoint, or from another run.
+
+    The message names the file, what is wrong with it and what to do.
+    """
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint was written by another configuration (or data) than the trainer resuming it."""
+
+
+def read_checkpoint(path: str | os.PathLike, config: ExperimentConfig | None = None) -> dict[str, Any]:
+    """Load and check a checkpoint written by :meth:`Trainer.save` (tensors on the CPU).
+
+    Parameters
+    ----------
+    path:
+        The ``checkpoint.pt`` of a run folder.
+    config:
+        If given, the configuration that must have written it.
+
+    Returns
+    -------
+    dict
+        The :meth:`Trainer.state_dict` that was saved; its ``config`` builds an
+        :class:`~applications.imaml.configs.ExperimentConfig`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no file at ``path``.
+    CheckpointError
+        If the file is truncated, garbage or not a checkpoint of this application
+        (the message says to delete it or train again).
+    CheckpointMismatchError
+        If ``config`` is given and differs from the checkpoint's in more than
+        :data:`RESUMABLE_CHANGES` (the message lists the differences).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "checkpoint.pt"
+    >>> _ = path.write_bytes(b"half a file")
+    >>> read_checkpoint(path)
+    Traceback (most recent call last):
+    ...
+    applications.imaml.train.CheckpointError: the checkpoint ... is unreadable (...); it is truncated or not a checkpoint: ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}.")
+    fix = "delete it and train again (or restore it from a copy)"
+    try:
+        # weights_only: tensors and plain containers only, so a foreign file cannot run code when loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the file means a bad file
+        detail = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch's messages run long
+        raise CheckpointError(f"the checkpoint {path} is unreadable ({type(e).__name__}: {detail}); it is "
+                              f"truncated or not a checkpoint: {fix}.") from e
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this application (it lacks {', '.join(missing)}); "
+                              f"{fix}.")
+    if state["format"] not in CHECKPOINT_FORMATS:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, this version reads "
+                              f"{', '.join(map(str, CHECKPOINT_FORMATS))}; use the version that wrote it or {fix}.")
+    try:
+        saved = ExperimentConfig(**state["config"]).to_dict()  # fills in fields added since it was written
+    except TypeError as e:
+        raise CheckpointError(f"{path} holds a configuration this version does not know ({e}); use the version "
+                              f"that wrote it or {fix}.") from e
+    diff = [] if config is None else _config_diff(
+        {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES},
+        {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES})
+    if diff:
+        raise CheckpointMismatchError(
+            f"the checkpoint {path} was written by a different configuration ({'; '.join(diff)}); use another "
+            f"--out folder, or the same config and overrides as that run.")
+    return state
+
+
+def _config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: checkpoint A, now B"`` for every entry (nested dicts by dotted keys) that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out
 
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -100,9 +202,11 @@ class Trainer:
         self.test_sampler = test_sampler
         self.device = torch.device(device)
         self.progress = progress
-        self.model = ConvNet(config.n_way, in_channels=in_channels, image_size=image_size).to(self.device)
+        net = dict(config.network)
+        scheme = net.pop("init", "he")
+        self.model = ConvNet(config.n_way, in_channels=in_channels, image_size=image_size, **net).to(self.device)
         self.learner = MetaLearner(self.model, AlgorithmConfig(**config.algorithm))
-        self.theta = init_params(self.model, seed=config.seed, device=self.device)
+        self.theta = init_params(self.model, seed=config.seed, device=self.device, scheme=scheme)
         self.log_lam = None
         if self.learner.config.learn_lam:
             lam = float(self.learner.config.lam)
@@ -118,46 +222,124 @@ class Trainer:
         return self.out_dir / "checkpoint.pt"
 
     # -- checkpoints -------------------------------------------------------------------------------
+    #: Step of the checkpoint on disk as far as this trainer knows (set by :meth:`save` and :meth:`resume`).
+    saved_step: int | None = None
+    _stop_signal: int | None = None
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs.
+
+        Parameters, Adam's state, both episode samplers' states, torch's CPU
+        random state and, when CUDA has been initialised in this process,
+        every CUDA device's random state (a process that never initialised
+        CUDA drew no CUDA random numbers, and asking for them would initialise
+        CUDA, and take GPU memory, in a CPU run), the step and the history of
+        logged records.
+        """
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         return {
-            "format": 1,
+            "format": 2,
             "config": self.config.to_dict(),
             "step": self.step,
             "theta": {k: v.detach().cpu() for k, v in self.theta.items()},
             "log_lam": None if self.log_lam is None else {k: v.detach().cpu() for k, v in self.log_lam.items()},
             "optimizer": self.optimizer.state_dict(),
             "train_sampler": self.train_sampler.state_dict(),
+            "test_sampler": self.test_sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
             "history": self.history,
         }
 
     def save(self) -> None:
-        """Write the checkpoint atomically."""
+        """Write the checkpoint atomically (readers see the old file or the complete new one)."""
         atomic_save(self.state_dict(), self.checkpoint_path)
+        self.saved_step = self.step
 
-    def resume(self) -> None:
-        """Continue exactly where the checkpoint in ``out_dir`` stopped (same RNG streams)."""
-        if not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}; start without --resume.")
+    def resume(self, *, training: bool = True) -> None:
+        """Continue exactly where the checkpoint in ``out_dir`` stopped (same RNG streams).
+
+        Parameters
+        ----------
+        training:
+            ``True``: restore all that continued training needs (parameters,
+            Adam's state, the samplers' and torch's random streams, step,
+            history) and rewrite ``metrics.jsonl`` to the checkpoint's records:
+            a run killed (``kill -9``, power loss) after its last checkpoint had
+            logged later steps, which the resumed run logs again. ``False``
+            (evaluation): parameters, step and history only; nothing in the run
+            folder is written, so a training still running there is unharmed.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``out_dir`` holds no checkpoint.
+        CheckpointError
+            If the checkpoint is truncated or not a checkpoint.
+        CheckpointMismatchError
+            If it was written by another configuration, or with other data.
+        """
+        path = self.checkpoint_path
+        if not path.exists():
+            fix = "start without --resume" if training else "train first (python -m applications.imaml train ...)"
+            raise FileNotFoundError(f"no checkpoint at {path}; {fix}.")
+        state = read_checkpoint(path, self.config)
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise RuntimeError(f"the checkpoint {self.checkpoint_path} is unreadable ({e}); delete it to restart.") from e
-        if state.get("config") != self.config.to_dict():
-            raise ValueError(f"the checkpoint in {self.out_dir} was written by a different configuration; use "
-                             f"another --out folder or the same config.")
-        with torch.no_grad():
-            for k, v in self.theta.items():
-                v.copy_(state["theta"][k].to(self.device))
-            if self.log_lam is not None:
-                for k, v in self.log_lam.items():
-                    v.copy_(state["log_lam"][k].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.train_sampler.load_state_dict(state["train_sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = state["step"]
-        self.history = state["history"]
-        logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+            theta = {k: state["theta"][k] for k in self.theta}
+            log_lam = None if self.log_lam is None else {k: state["log_lam"][k] for k in self.log_lam}
+            with torch.no_grad():
+                for k, v in self.theta.items():
+                    v.copy_(theta[k].to(self.device))
+                if self.log_lam is not None:
+                    for k, v in self.log_lam.items():
+                        v.copy_(log_lam[k].to(self.device))
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointMismatchError(f"the parameters in {path} do not fit this network ({e}); use another "
+                                          f"--out folder.") from e
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.saved_step = self.step
+        if training:
+            try:
+                self.train_sampler.load_state_dict(state["train_sampler"])
+                if state.get("test_sampler") is not None:
+                    self.test_sampler.load_state_dict(state["test_sampler"])
+            except ValueError as e:
+                raise CheckpointMismatchError(f"the episode stream in {path} does not fit this data ({e}); resume "
+                                              f"with the data the run was trained on (--data-dir).") from e
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            self._restore_cuda_rng(state.get("cuda_rng"))
+            self._rewrite_metrics()
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _restore_cuda_rng(self, states: list[torch.Tensor] | None) -> None:
+        if states is None:
+            return
+        if not torch.cuda.is_available():
+            logger.warning("the checkpoint holds the random states of %d CUDA devices, but torch sees none: "
+                           "continuing without them", len(states))
+            return
+        count = torch.cuda.device_count()
+        if len(states) != count:
+            logger.warning("the checkpoint holds the random states of %d CUDA devices, this machine has %d: "
+                           "restoring the first %d", len(states), count, min(count, len(states)))
+        for i, s in enumerate(states[:count]):
+            torch.cuda.set_rng_state(s, i)
+
+    def _rewrite_metrics(self) -> None:
+        """Make ``metrics.jsonl`` hold the checkpoint's records, each step once (atomically).
+
+        The checkpoint's history is the record of every step up to its own, so
+        lines logged after it (by a run that died before its next checkpoint)
+        and a line torn by the kill go; the resumed run logs those steps again.
+        """
+        path = self.out_dir / "metrics.jsonl"
+        old = path.read_text(errors="replace").count("\n") if path.exists() else 0
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history), path)
+        if old != len(self.history):
+            logger.info("%s: kept the %d records up to step %d of the checkpoint (it had %d lines)", path,
+                        len(self.history), self.step, old)
 
     # -- training ----------------------------------------------------------------------------------
     def meta_step(self) -> dict[str, float]:
@@ -172,18 +354,31 @@ class Trainer:
         return {"step": self.step, **stats, "meta_grad_norm": grad_norm}
 
     def train(self, steps: int | None = None, *, on_step: Callable[[dict], None] | None = None) -> None:
-        """Run until ``steps`` (default: the config's ``meta_steps``), checkpointing; Ctrl-C saves and re-raises."""
+        """Run until ``steps`` (default: the config's ``meta_steps``), checkpointing every ``checkpoint_every``.
+
+        Ctrl-C (SIGINT) and SIGTERM never cut a meta-step in two: the signal
+        handler only takes note, the current meta-step finishes and is logged,
+        a checkpoint of that consistent state (parameters, Adam, samplers and
+        random streams all after the same step) is written, and
+        :class:`KeyboardInterrupt` is raised; :meth:`resume` then continues as
+        if nothing had happened. A second signal during the same step stops at
+        once without saving: the checkpoint on disk stays the last consistent
+        one (:attr:`saved_step`). A :class:`KeyboardInterrupt` raised by
+        ``on_step`` (called after each logged step) saves like a signal.
+        """
         from tqdm.auto import tqdm
 
         total = self.config.meta_steps if steps is None else steps
-        metrics = (self.out_dir / "metrics.jsonl").open("a")
+        self._stop_signal = None
         bar = tqdm(total=total, initial=self.step, desc=self.config.algorithm["name"], unit="step",
                    disable=not self.progress, dynamic_ncols=True)
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's kill saves a checkpoint like Ctrl-C
+        metrics = (self.out_dir / "metrics.jsonl").open("a")
+        previous = self._catch_signals()
+        consistent = True  # False while a meta-step is half done: then the state must not be saved
         try:
             start = time.perf_counter()
             while self.step < total:
+                consistent = False
                 record = self.meta_step()
                 record["seconds"] = time.perf_counter() - start
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
@@ -193,24 +388,64 @@ class Trainer:
                 self.history.append(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                consistent = True
                 bar.set_postfix(loss=f"{record['query_loss']:.3f}", acc=f"{100 * record['query_accuracy']:.1f}%")
                 bar.update(1)
                 if on_step is not None:
                     on_step(record)
                 if self.step % self.config.checkpoint_every == 0:
                     self.save()
+                if self._stop_signal is not None:
+                    raise KeyboardInterrupt
+            self.save()
+            if self._stop_signal is not None:  # the signal came during the final save: report it all the same
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            self.save()
-            logger.warning("interrupted at step %d; checkpoint written to %s (continue with --resume)", self.step,
-                           self.checkpoint_path)
+            if consistent:
+                if self.saved_step != self.step:
+                    self.save()
+                logger.warning("interrupted at step %d; checkpoint written to %s (continue with --resume)", self.step,
+                               self.checkpoint_path)
+            else:
+                logger.warning("stopped during meta-step %d without saving it; %s", self.step + 1,
+                               f"{self.checkpoint_path} holds step {self.saved_step} (continue with --resume)"
+                               if self.saved_step is not None else "no checkpoint was written yet")
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            self._restore_signals(previous)
             metrics.close()
         bar.close()
-        self.save()
         self.plot()
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """Route SIGINT and SIGTERM to :meth:`_on_signal`; return the handlers they had."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # only the main thread may set handlers; the default ones stay
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """The first signal sets a flag that the loop reads after the step; the second stops at once."""
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        name = signal.Signals(signum).name
+        note = (f"\n{name}: finishing meta-step {self.step + 1}, then saving a checkpoint "
+                f"({name} again stops at once, without saving that step)\n")
+        try:  # os.write, not logging or print: a handler may run while the stream's buffer is busy
+            os.write(2, note.encode())
+        except OSError:
+            pass
 
     def plot(self) -> Path | None:
         """Save ``learning_curve.png`` (query loss and accuracy against meta-steps, smoothed)."""
@@ -249,15 +484,15 @@ class Trainer:
         plt.close(fig)
         return path
 
-    def final_evaluation(self, episodes: int | None = None) -> EvalResult:
-        """Evaluate on meta-test episodes, write ``summary.json`` and return the result."""
+    def final_evaluation(self, episodes: int | None = None, *, filename: str = "summary.json") -> EvalResult:
+        """Evaluate on meta-test episodes, write ``out_dir / filename`` (a JSON summary) and return the result."""
         res = evaluate(self.learner, self.theta, self.test_sampler, episodes or self.config.eval_episodes,
                        log_lam=self.log_lam, progress=self.progress)
         c = self.config
         paper = PAPER_TABLE2.get((c.algorithm["name"], c.n_way, c.k_shot)) if c.dataset == "omniglot" else None
         summary = {"config": c.to_dict(), "steps": self.step, "accuracy": res.accuracy, "ci95": res.ci95,
                    "episodes": res.episodes, "paper": paper}
-        atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+        atomic_write_text(json.dumps(summary, indent=2), self.out_dir / filename)
         return res
 
 

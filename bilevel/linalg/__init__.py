@@ -7,7 +7,7 @@ with ``info`` a :class:`LinearSolveInfo`. Build one with :func:`get`.
 from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec, available, get, register
 from .cg import CG, cg
 from .eig import power_iteration
-from .hvp import DEFAULT_HVP_MODE, EXACT_HVP_MODES, HVP_MODES, Linearization, hvp
+from .hvp import DEFAULT_HVP_MODE, EXACT_HVP_MODES, GAUSS_NEWTON_MODES, HVP_MODES, Linearization, hvp
 from .neumann import Neumann, neumann
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "Linearization",
     "HVP_MODES",
     "EXACT_HVP_MODES",
+    "GAUSS_NEWTON_MODES",
     "DEFAULT_HVP_MODE",
 ]

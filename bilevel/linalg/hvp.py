@@ -20,6 +20,15 @@ And one approximation, for losses of predictions (:class:`bilevel.PredictionLoss
     graph outlives a product). Positive semi-definite for a convex
     criterion, exact for a linear predictor; no second derivative of the
     network is taken. Composes with ``torch.func.vmap``.
+
+``"gauss_newton_jacobian"``
+    The same matrix with the predictor's Jacobian ``J`` (``m`` outputs by ``n``
+    parameters) built once, by ``m`` vector-Jacobian products, and the
+    criterion's ``m x m`` Hessian beside it: every product is then two
+    matrix-vector products with ``J``, some ``1000`` times cheaper than a
+    pass through the network. It pays when the outputs are few (few-shot
+    support sets: 5-way 1-shot has ``m = 25`` logits) and costs ``m n``
+    numbers of memory, so it is for small ``m`` only.
 """
 
 from __future__ import annotations
@@ -33,10 +42,14 @@ import torch.utils._pytree as _pytree
 
 from .._functorch import in_transform
 
-__all__ = ["HVP_MODES", "EXACT_HVP_MODES", "DEFAULT_HVP_MODE", "Linearization", "GaussNewtonLinearization", "hvp"]
+__all__ = ["HVP_MODES", "EXACT_HVP_MODES", "GAUSS_NEWTON_MODES", "DEFAULT_HVP_MODE", "Linearization",
+           "GaussNewtonLinearization", "hvp"]
 
-#: The ways of computing curvature-vector products: two exact Hessian modes and Gauss-Newton.
-HVP_MODES = ("reverse", "forward", "gauss_newton")
+#: The ways of computing curvature-vector products: two exact Hessian modes and Gauss-Newton (matrix-free, or
+#: with the predictor's Jacobian built once).
+HVP_MODES = ("reverse", "forward", "gauss_newton", "gauss_newton_jacobian")
+#: The modes that use the Gauss-Newton matrix (they need a :class:`bilevel.PredictionLoss`).
+GAUSS_NEWTON_MODES = ("gauss_newton", "gauss_newton_jacobian")
 #: The modes whose products are exact Hessian-vector products (what :class:`Linearization` and :func:`hvp` take).
 EXACT_HVP_MODES = ("reverse", "forward")
 #: Chosen by ``benchmarks/hvp_modes.py``: on CPU, for one task, reverse-over-reverse
@@ -69,7 +82,7 @@ class Linearization:
     def __init__(self, fn: Callable, x: torch.Tensor, y: torch.Tensor, extra: Sequence[torch.Tensor] = (),
                  mode: str = DEFAULT_HVP_MODE):
         self.mode = check_mode(mode)
-        if self.mode == "gauss_newton":
+        if self.mode in GAUSS_NEWTON_MODES:
             raise ValueError("Linearization computes exact Hessian products; use GaussNewtonLinearization (built by "
                              "the engine from a PredictionLoss) for hvp='gauss_newton'.")
         self.fn = fn
@@ -140,17 +153,26 @@ class GaussNewtonLinearization:
 
     Memory: each product is one forward-mode pass through ``predict`` and one
     reverse pass (its forward re-run); nothing is retained between products.
+    With ``jacobian=True`` (mode ``"gauss_newton_jacobian"``) the Jacobian
+    ``J`` (``m x n`` for ``m`` outputs) and ``H_c`` (``m x m``) are built once
+    and kept until :meth:`release`; a product is then ``J^T (H_c (J v))``.
+    ``rest_diagonal`` (flat, like ``x``): the Hessian of ``rest`` when it is a
+    constant diagonal (:meth:`bilevel.ProximalProblem.proximal_diagonal`),
+    used instead of differentiating ``rest`` twice per product.
     """
 
-    mode = "gauss_newton"
-
     def __init__(self, fn: Callable, predict: Callable, criterion: Callable, rest: Callable, x: torch.Tensor,
-                 y: torch.Tensor, extra: Sequence[torch.Tensor] = ()):
+                 y: torch.Tensor, extra: Sequence[torch.Tensor] = (), *, jacobian: bool = False,
+                 rest_diagonal: torch.Tensor | None = None):
         self.predict, self.criterion, self.rest = predict, criterion, rest
+        self.mode = "gauss_newton_jacobian" if jacobian else "gauss_newton"
         self.x = x.detach()
         self.y = y.detach()
         self.extra = [e.detach() for e in extra]
         self.count = 0
+        self._rest_diagonal = rest_diagonal
+        self._J: torch.Tensor | None = None
+        self._H: torch.Tensor | None = None
         if in_transform():
             self.grad = torch.func.grad(fn, argnums=0)(self.x, self.y, self.extra).detach()
         else:  # autograd holds fewer temporaries than torch.func.grad here
@@ -160,11 +182,43 @@ class GaussNewtonLinearization:
             self.grad = torch.zeros_like(self.x) if g is None else g.detach()
         self._crit_grad = torch.func.grad(criterion)
         self._rest_grad = torch.func.grad(rest, argnums=0)
+        if jacobian:
+            self._build_jacobian()
+
+    def _build_jacobian(self) -> None:
+        """``J`` (outputs flattened, by ``x``) and the criterion's Hessian on the flattened outputs."""
+        with torch.enable_grad():
+            if in_transform():  # under vmap: torch.func's reverse-mode Jacobian
+                x = self.x
+                out = self.predict(x)
+                leaves, out_spec = _pytree.tree_flatten(out)
+                J = torch.func.jacrev(lambda z: torch.cat([t.reshape(-1) for t in
+                                                           _pytree.tree_flatten(self.predict(z))[0]]))(x)
+            else:  # one retained graph, one vector-Jacobian product per output (cheaper than a batched one here)
+                x = self.x.detach().requires_grad_(True)
+                out = self.predict(x)
+                leaves, out_spec = _pytree.tree_flatten(out)
+                flat_out = torch.cat([t.reshape(-1) for t in leaves])
+                rows = [torch.autograd.grad(flat_out[i], x, retain_graph=i + 1 < flat_out.numel(),
+                                            allow_unused=True)[0] for i in range(flat_out.numel())]
+                J = torch.stack([torch.zeros_like(x) if r is None else r for r in rows])
+        leaves = [t.detach() for t in leaves]
+        shapes = [t.shape for t in leaves]
+        sizes = [t.numel() for t in leaves]
+
+        def crit_flat(z):
+            parts = [p.reshape(shape) for p, shape in zip(torch.split(z, sizes), shapes)]
+            return self.criterion(_pytree.tree_unflatten(parts, out_spec))
+
+        self._J = J.detach()
+        self._H = torch.func.hessian(crit_flat)(torch.cat([t.reshape(-1) for t in leaves])).detach()
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``(J^T H_c J + d2rest/dx2) v`` (1-D, like ``x``)."""
         self.count += 1
-        if in_transform():  # under vmap: torch.func throughout
+        if self._J is not None:
+            jt = self._J.T @ (self._H @ (self._J @ v))
+        elif in_transform():  # under vmap: torch.func throughout
             with warnings.catch_warnings():  # torch's first forward-mode call emits an internal deprecation
                 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
                                         category=FutureWarning)
@@ -188,6 +242,8 @@ class GaussNewtonLinearization:
                 outs, cots = _pytree.tree_flatten(self.predict(x))[0], _pytree.tree_flatten(hjv)[0]
                 (jt,) = torch.autograd.grad(outs, x, cots)
             del hjv
+        if self._rest_diagonal is not None:  # rest's Hessian is a known diagonal (the proximal term: lam)
+            return jt + self._rest_diagonal * v
         _, rv = torch.func.jvp(lambda x: self._rest_grad(x, self.y, self.extra), (self.x,), (v,))
         return jt + rv
 
@@ -201,7 +257,8 @@ class GaussNewtonLinearization:
         return [gy, *ge]
 
     def release(self) -> None:
-        """Nothing is retained between products."""
+        """Drop the Jacobian (``jacobian=True``); otherwise nothing is retained between products."""
+        self._J = self._H = None
 
 
 def hvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,
