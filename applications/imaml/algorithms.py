@@ -275,8 +275,12 @@ class MetaLearner:
         data = (xs, ys)
         phi = bl.solve(problem, detached, data, solver=self.inner_gd).phi
 
+        seen: dict[str, torch.Tensor] = {}
+
         def outer(p, t):
-            return F.cross_entropy(self.logits(p, xq), yq)
+            logits = self.logits(p, xq)
+            seen.setdefault("logits", logits.detach())  # the query logits at phi (first call: autograd's)
+            return F.cross_entropy(logits, yq)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bl.ConvergenceWarning)  # reported through info.status instead
@@ -289,8 +293,7 @@ class MetaLearner:
             t.grad = grad[k] / n if t.grad is None else t.grad + grad[k] / n
         facts = {"inner_grad_norm": info.inner_grad_norm, "cg_relative_residual": info.relative_residual,
                  "task_grad_norm": float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grad.values()])))}
-        with torch.no_grad():
-            return self.logits(phi, xq), negative, facts
+        return seen["logits"], negative, facts
 
     def _differentiable_phi(self, theta, xs, ys, log_lam):
         c = self.config

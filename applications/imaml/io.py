@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["atomic_save", "atomic_write_text", "git_commit"]
 
 
 def _atomic(path: Path, mode: str, write) -> None:
@@ -63,3 +63,19 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     '{"step": 1}\\n'
     """
     _atomic(Path(path), "w", lambda f: f.write(text))
+
+
+def git_commit(root: str | os.PathLike | None = None) -> str | None:
+    """``git describe --always --dirty`` of the checkout holding this package, or ``None`` outside git.
+
+    Results files record it, so every quoted number names the code that measured it.
+    """
+    import subprocess
+
+    where = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=where,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None

@@ -17,13 +17,15 @@ import torch
 
 from .algorithms import AlgorithmConfig, MetaLearner, TaskBatch
 from .configs import PAPER_TABLE2, ExperimentConfig
-from .io import atomic_save, atomic_write_text
+from .io import atomic_save, atomic_write_text, git_commit
 from .model import ConvNet, init_params
 
 __all__ = ["Trainer", "evaluate", "confidence_interval", "atomic_save", "EvalResult", "CheckpointError",
            "CheckpointMismatchError", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
+#: When this module was imported: ``summary.json``'s ``wall_seconds`` count from here (data loading included).
+_STARTED = time.perf_counter()
 
 
 #: Formats of :meth:`Trainer.state_dict` that :func:`read_checkpoint` reads (1 lacks the CUDA and
@@ -349,9 +351,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats = self.learner.meta_gradient(self.theta, batch, self.log_lam)
         grad_norm = math.sqrt(sum(float(v.grad.pow(2).sum()) for v in self.theta.values() if v.grad is not None))
+        lr = self.config.learning_rate(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.step += 1
-        return {"step": self.step, **stats, "meta_grad_norm": grad_norm}
+        return {"step": self.step, **stats, "meta_grad_norm": grad_norm, "lr": lr}
 
     def train(self, steps: int | None = None, *, on_step: Callable[[dict], None] | None = None) -> None:
         """Run until ``steps`` (default: the config's ``meta_steps``), checkpointing every ``checkpoint_every``.
@@ -376,7 +381,8 @@ class Trainer:
         previous = self._catch_signals()
         consistent = True  # False while a meta-step is half done: then the state must not be saved
         try:
-            start = time.perf_counter()
+            # training seconds accumulate over resumed sessions (the clock excludes evaluations at the end)
+            start = time.perf_counter() - (self.history[-1].get("seconds", 0.0) if self.history else 0.0)
             while self.step < total:
                 consistent = False
                 record = self.meta_step()
@@ -491,7 +497,11 @@ class Trainer:
         c = self.config
         paper = PAPER_TABLE2.get((c.algorithm["name"], c.n_way, c.k_shot)) if c.dataset == "omniglot" else None
         summary = {"config": c.to_dict(), "steps": self.step, "accuracy": res.accuracy, "ci95": res.ci95,
-                   "episodes": res.episodes, "paper": paper}
+                   "episodes": res.episodes, "paper": paper,
+                   "train_seconds": self.history[-1].get("seconds") if self.history else 0.0,
+                   "eval_seconds": res.seconds, "wall_seconds": time.perf_counter() - _STARTED,
+                   "threads": torch.get_num_threads(), "device": str(self.device),
+                   "commit": git_commit()}
         atomic_write_text(json.dumps(summary, indent=2), self.out_dir / filename)
         return res
 

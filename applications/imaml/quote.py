@@ -1,0 +1,203 @@
+"""Numbers in the READMEs come from results files: collect them, render the tables, check the text.
+
+Every accuracy the READMEs quote sits between two markers::
+
+    <!-- results:main-job -->
+    ...generated text...
+    <!-- /results:main-job -->
+
+and is generated from a JSON file in ``applications/imaml/results/`` that records the commit
+of the code that measured it. Commands::
+
+    python -m applications.imaml.quote collect-main RUN [RUN ...]   # results/main_job.json from run folders
+    python -m applications.imaml.quote collect-compare OUT NAME      # results/NAME.json from a compare folder
+    python -m applications.imaml.quote write                         # regenerate every block in place
+    python -m applications.imaml.quote check                         # exit 1 if any block is stale
+
+``tests/test_quote.py`` runs ``check``, so a README whose numbers disagree with the committed
+results fails the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .io import git_commit
+
+__all__ = ["RESULTS_DIR", "DOCUMENTS", "BLOCKS", "git_commit", "collect_main", "collect_compare", "render",
+           "rewrite", "stale_blocks", "main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Where the committed results files live.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: The documents whose marked blocks are generated.
+DOCUMENTS = (ROOT / "README.md", Path(__file__).resolve().parent / "README.md")
+_BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def _window_means(values: list[float], window: int) -> list[float]:
+    return [sum(values[i:i + window]) / window for i in range(len(values) - window + 1)]
+
+
+def collect_main(runs: list[str | Path], out: Path | None = None) -> dict[str, Any]:
+    """``results/main_job.json`` from the run folders of README's main job (one per seed)."""
+    rows = []
+    for run in map(Path, runs):
+        summary = json.loads((run / "summary.json").read_text())
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        acc = [100.0 * r["query_accuracy"] for r in records]
+        means = _window_means(acc, min(20, len(acc)))
+        rows.append({
+            "run": run.name, "seed": summary["config"]["seed"], "accuracy": summary["accuracy"],
+            "ci95": summary["ci95"], "episodes": summary["episodes"], "steps": summary["steps"],
+            "train_seconds": summary.get("train_seconds", records[-1].get("seconds")),
+            "eval_seconds": summary.get("eval_seconds"), "wall_seconds": summary.get("wall_seconds"),
+            "last20_query_accuracy": means[-1], "best20_query_accuracy": max(means),
+            "commit": summary.get("commit"), "threads": summary.get("threads"),
+        })
+    accs = [r["accuracy"] for r in rows]
+    result = {"what": "README's main job, one run per seed", "config": summary["config"], "runs": rows,
+              "mean_accuracy": sum(accs) / len(accs),
+              "commits": sorted({str(r["commit"]) for r in rows})}
+    path = out or RESULTS_DIR / "main_job.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def collect_compare(folder: str | Path, name: str) -> dict[str, Any]:
+    """``results/<name>.json`` from a ``compare`` output folder (its ``compare.json``), with the commit."""
+    data = json.loads((Path(folder) / "compare.json").read_text())
+    data["commit"] = data.get("commit") or git_commit()
+    path = RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _main_job(data: dict[str, Any]) -> str:
+    lines = ["| seed | meta-test accuracy (600 episodes) | training | evaluation | query accuracy, last 20 steps / best 20 |",
+             "|---|---|---|---|---|"]
+    for r in data["runs"]:
+        lines.append(f"| {r['seed']} | {r['accuracy']:.2f} ± {r['ci95']:.2f}% | {r['train_seconds']:.0f} s | "
+                     f"{r['eval_seconds']:.0f} s | {r['last20_query_accuracy']:.1f}% / "
+                     f"{r['best20_query_accuracy']:.1f}% |")
+    lines.append("")
+    lines.append(f"Mean of the {len(data['runs'])} seeds: **{data['mean_accuracy']:.2f}%** (chance: 20%). "
+                 f"Measured at commit {', '.join(data['commits'])} "
+                 f"(`applications/imaml/results/main_job.json`).")
+    return "\n".join(lines) + "\n"
+
+
+def _compare(data: dict[str, Any]) -> str:
+    args = data["arguments"]
+    tasks = args["tasks"]
+    seconds = args.get("seconds")
+    head = f"| setting | s / task | meta-test accuracy at {tasks} tasks |"
+    rule = "|---|---|---|"
+    if seconds:
+        head += f" at {seconds:.0f} s of training (tasks seen) |"
+        rule += "---|"
+    lines = [head, rule]
+    for name, row in data["summary"].items():
+        line = f"| `{name}` | {row['seconds_per_task']:.3f} | {row['accuracy_at_tasks']:.2f} ± {row['ci95_at_tasks']:.2f}% |"
+        if seconds and "accuracy_at_seconds" in row:
+            line += (f" {row['accuracy_at_seconds']:.2f} ± {row['ci95_at_seconds']:.2f}% "
+                     f"({row['tasks_at_seconds']:.0f}) |")
+        lines.append(line)
+    seeds = sorted({s for row in data["summary"].values() for s in row["seeds"]})
+    lines.append("")
+    lines.append(f"Mean over seeds {', '.join(map(str, seeds))} (± the mean of the seeds' 95% intervals), "
+                 f"{args['episodes']} meta-test episodes with {args['query']} queries per class, the same episodes "
+                 f"for every setting of a seed; {args['threads']} thread(s) per run, {args['jobs']} run(s) at once. "
+                 f"Measured at commit {data.get('commit')}.")
+    return "\n".join(lines) + "\n"
+
+
+def _study(data: dict[str, Any]) -> str:
+    lines = ["| setting | change from the default | s / task | meta-test accuracy | per seed |", "|---|---|---|---|---|"]
+    changes = data.get("changes", {})
+    for name, row in data["summary"].items():
+        per_seed = ", ".join(f"{a:.1f}" for a, _ in row["per_seed_at_tasks"])
+        lines.append(f"| `{name}` | {changes.get(name, '')} | {row['seconds_per_task']:.3f} | "
+                     f"{row['accuracy_at_tasks']:.2f} ± {row['ci95_at_tasks']:.2f}% | {per_seed} |")
+    args = data["arguments"]
+    lines.append("")
+    lines.append(f"{args['tasks']} meta-training tasks per run, {args['episodes']} meta-test episodes; seeds "
+                 f"{', '.join(map(str, args['seeds']))}. Measured at commit {data.get('commit')}.")
+    return "\n".join(lines) + "\n"
+
+
+#: block name -> (results file, renderer)
+BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "main-job": ("main_job", _main_job),
+    "compare": ("compare", _compare),
+    "study": ("study", _study),
+}
+
+
+def render(name: str) -> str:
+    """The generated text of block ``name`` from its results file."""
+    if name not in BLOCKS:
+        raise ValueError(f"unknown results block {name!r}; available: {', '.join(BLOCKS)}.")
+    file, renderer = BLOCKS[name]
+    data = _load(file)
+    if data is None:
+        raise FileNotFoundError(f"results/{file}.json is missing; run the command that writes it "
+                                f"(see python -m applications.imaml.quote -h).")
+    return renderer(data)
+
+
+def rewrite(text: str) -> str:
+    """``text`` with every marked block regenerated."""
+    return _BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
+def stale_blocks() -> list[str]:
+    """``document:block`` for every marked block whose text differs from its results file."""
+    stale = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        for m in _BLOCK.finditer(text):
+            if m.group("body") != render(m.group("name")):
+                stale.append(f"{doc.relative_to(ROOT)}:{m.group('name')}")
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "collect-main":
+        print(json.dumps(collect_main(rest)["mean_accuracy"]))
+    elif cmd == "collect-compare":
+        collect_compare(rest[0], rest[1])
+    elif cmd == "write":
+        for doc in DOCUMENTS:
+            doc.write_text(rewrite(doc.read_text()))
+    elif cmd == "check":
+        stale = stale_blocks()
+        if stale:
+            print("stale results blocks (run python -m applications.imaml.quote write): " + ", ".join(stale),
+                  file=sys.stderr)
+            return 1
+    else:
+        print(f"error: unknown command {cmd!r}; use collect-main, collect-compare, write or check.", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

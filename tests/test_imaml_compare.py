@@ -1,0 +1,90 @@
+"""The side-by-side command and the results blocks of the READMEs (numbers come from committed JSON files)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from applications.imaml import compare, quote
+from applications.imaml.configs import ExperimentConfig, get_config
+
+
+def fake_splits(data_dir, cache_dir, seed):
+    g = torch.Generator().manual_seed(seed)
+    pools = torch.randint(0, 256, (2, 12, 6, 1, 28, 28), generator=g, dtype=torch.uint8)
+    return SimpleNamespace(train=pools[0], test=pools[1])
+
+
+@pytest.fixture
+def small_settings(monkeypatch):
+    monkeypatch.setattr(compare, "load_splits", fake_splits)
+
+
+def test_compare_trains_every_setting_on_the_same_budget_and_episodes(small_settings, tmp_path, capsys):
+    status = compare.main(["--out", str(tmp_path), "--settings", "imaml", "fomaml-peers", "--tasks", "32",
+                           "--episodes", "6", "--curve-episodes", "3", "--curve-points", "2", "--query", "2"])
+    assert status == 0
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert set(data["summary"]) == {"imaml", "fomaml-peers"}
+    for run in data["runs"]:
+        assert run["tasks_seen"] >= 32
+        assert [p["tasks"] for p in run["curve"]][0] == 0 and run["curve"][-1]["tasks"] >= 32
+        assert run["final"]["tasks"]["episodes"] == 6
+        assert 0.0 <= run["final"]["tasks"]["accuracy"] <= 100.0
+        assert run["training_seconds"] > 0
+    # the same meta-test episodes for every setting: the untrained curves' first points are adaptation from
+    # different networks, but the episodes (hence the label sets) are drawn by the same seeded sampler
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert "imaml" in capsys.readouterr().out
+    # a second call reuses the finished runs instead of training again
+    before = (tmp_path / "runs" / "imaml-s0.json").stat().st_mtime_ns
+    assert compare.main(["--out", str(tmp_path), "--settings", "imaml", "--tasks", "32", "--episodes", "6",
+                         "--curve-episodes", "3", "--curve-points", "2", "--query", "2"]) == 0
+    assert (tmp_path / "runs" / "imaml-s0.json").stat().st_mtime_ns == before
+
+
+def test_compare_evaluates_at_equal_wall_time_too(small_settings, tmp_path):
+    assert compare.main(["--out", str(tmp_path), "--settings", "imaml", "--tasks", "8", "--seconds", "0.5",
+                         "--episodes", "4", "--curve-episodes", "2", "--curve-points", "1", "--query", "2"]) == 0
+    run = json.loads((tmp_path / "runs" / "imaml-s0.json").read_text())
+    assert run["final"]["seconds"]["seconds"] >= 0.5 and run["training_seconds"] >= 0.5
+
+
+def test_compare_settings_and_errors(tmp_path, capsys):
+    cfg = compare.setting_config("maml-peers", 3)
+    assert isinstance(cfg, ExperimentConfig) and cfg.seed == 3
+    assert cfg.network["blocks"] == 3 and cfg.meta_batch == 32 and cfg.k_query == 15
+    assert cfg.algorithm["name"] == "maml" and cfg.algorithm["inner_steps"] == 5
+    assert compare.setting_config("imaml", 0).algorithm == get_config("omniglot-5w1s-gd-cpu").algorithm
+    with pytest.raises(ValueError, match="unknown setting 'x'; available: imaml"):
+        compare.setting_config("x", 0)
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--tasks", "0"])
+    assert "must be > 0" in capsys.readouterr().err
+    assert compare.main(["--out", str(tmp_path), "--data-dir", str(tmp_path / "nothing")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_readme_results_blocks_match_the_committed_results_files():
+    stale = quote.stale_blocks()
+    assert not stale, f"regenerate with python -m applications.imaml.quote write: {stale}"
+
+
+def test_results_blocks_are_regenerated_from_their_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
+    (tmp_path / "main_job.json").write_text(json.dumps({
+        "runs": [{"seed": 0, "accuracy": 91.234, "ci95": 0.8, "train_seconds": 300.0, "eval_seconds": 30.0,
+                  "last20_query_accuracy": 90.0, "best20_query_accuracy": 91.0}],
+        "mean_accuracy": 91.234, "commits": ["abc123"]}))
+    text = "before\n<!-- results:main-job -->\nold text\n<!-- /results:main-job -->\nafter\n"
+    new = quote.rewrite(text)
+    assert "91.23 ± 0.80%" in new and "old text" not in new and new.startswith("before\n")
+    assert new.endswith("<!-- /results:main-job -->\nafter\n") and "abc123" in new
+    assert quote.rewrite(new) == new
+    with pytest.raises(ValueError, match="unknown results block 'nope'"):
+        quote.render("nope")
+    with pytest.raises(FileNotFoundError, match="results/compare.json is missing"):
+        quote.render("compare")
