@@ -210,7 +210,15 @@ class ProximalProblem(InnerProblem):
         return GaussNewtonParts(self.loss.predict, self.loss.criterion, self.proximal_term, self.proximal_diagonal)
 
     def proximal_diagonal(self, theta: Any, hyper: Sequence[torch.Tensor] | None = None) -> Any:
-        """The Hessian of :meth:`proximal_term` in ``phi``, a diagonal: ``lam`` broadcast to ``theta``'s leaves."""
+        """The Hessian of :meth:`proximal_term` in ``phi``, a diagonal: ``lam`` broadcast to ``theta``'s leaves.
+
+        Examples
+        --------
+        >>> import torch, bilevel as bl
+        >>> problem = bl.ProximalProblem(lambda phi, d: (phi["w"] ** 2).sum(), lam={"w": torch.tensor([1.0, 3.0])})
+        >>> problem.proximal_diagonal({"w": torch.zeros(2)})
+        {'w': tensor([1., 3.])}
+        """
         lt = _tree.leaves(theta)
         lams = self._lam_leaves(lt, hyper)
         diag = [torch.broadcast_to(torch.as_tensor(lam, dtype=t.dtype, device=t.device).detach(), t.shape)

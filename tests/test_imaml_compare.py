@@ -12,9 +12,17 @@ from applications.imaml import compare, quote
 from applications.imaml.configs import ExperimentConfig, get_config
 
 
+@pytest.fixture(autouse=True)
+def _float32():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the application runs in float32, like on a GPU
+    yield
+    torch.set_default_dtype(old)
+
+
 def fake_splits(data_dir, cache_dir, seed):
     g = torch.Generator().manual_seed(seed)
-    pools = torch.randint(0, 256, (2, 12, 6, 1, 28, 28), generator=g, dtype=torch.uint8)
+    pools = torch.randint(0, 256, (2, 12, 17, 1, 28, 28), generator=g, dtype=torch.uint8)
     return SimpleNamespace(train=pools[0], test=pools[1])
 
 
@@ -49,8 +57,14 @@ def test_compare_trains_every_setting_on_the_same_budget_and_episodes(small_sett
 def test_compare_evaluates_at_equal_wall_time_too(small_settings, tmp_path):
     assert compare.main(["--out", str(tmp_path), "--settings", "imaml", "--tasks", "8", "--seconds", "0.5",
                          "--episodes", "4", "--curve-episodes", "2", "--curve-points", "1", "--query", "2"]) == 0
-    run = json.loads((tmp_path / "runs" / "imaml-s0.json").read_text())
-    assert run["final"]["seconds"]["seconds"] >= 0.5 and run["training_seconds"] >= 0.5
+    run = json.loads((tmp_path / "compare.json").read_text())["runs"][0]
+    assert run["final"]["seconds"]["seconds"] >= 0.5 and run["final"]["tasks"]["tasks"] >= 8
+    # a decaying schedule trains a second time for the seconds budget, its cosine spanning that run
+    timed = json.loads((tmp_path / "runs" / "imaml-time-s0.json").read_text())
+    assert timed["training_seconds"] >= 0.5 and timed["config"]["meta_steps"] >= 1
+    cfg = ExperimentConfig(**timed["config"])
+    assert cfg.lr_schedule == "cosine"
+    assert [st["lr"] for st in timed["steps"]] == pytest.approx([cfg.learning_rate(i) for i in range(len(timed["steps"]))])
 
 
 def test_compare_settings_and_errors(tmp_path, capsys):

@@ -35,7 +35,7 @@ def test_torch_init_matches_pytorch_default_bounds_and_is_seeded():
     a, b = init_params(net, seed=3, scheme="torch"), init_params(net, seed=3, scheme="torch")
     assert all(torch.equal(a[k], b[k]) for k in a)
     for name, p in net.named_parameters():
-        value = a[name]
+        value = a[name].detach()
         if name.endswith("weight") and p.dim() > 1 or (name.endswith("bias") and name.rsplit(".", 1)[0] + ".weight"
                                                          in dict(net.named_parameters())
                                                          and dict(net.named_parameters())[

@@ -64,9 +64,10 @@ STUDY_CHANGES: dict[str, str] = {
     "study-exact-damped": "exact Hessian products, backward system damped by 1 (H + lam I + I)",
     "study-k5": "5 inner steps instead of 10",
     "study-k20": "20 inner steps instead of 10",
-    "study-lam2": "lam = 2 (the paper's) instead of 1",
+    "study-lam1": "lam = 1 instead of 0.5",
+    "study-lam2": "lam = 2 (the paper's) instead of 0.5",
     "study-cg1": "1 CG step instead of 5",
-    "study-mb16": "16 tasks per meta-step (and half the steps)",
+    "study-mb16": "16 tasks per meta-step instead of 8 (half as many steps)",
     "study-constant-lr": "constant Adam learning rate instead of the cosine decay",
     "study-paper-net": "the paper's 4-block padded network with He initialisation",
 }
@@ -77,9 +78,10 @@ STUDY: dict[str, dict[str, Any]] = {
     "study-exact-damped": {"algorithm": {"curvature": "exact", "damping": 1.0, "negative_curvature": "truncate"}},
     "study-k5": {"algorithm": {"inner_steps": 5}},
     "study-k20": {"algorithm": {"inner_steps": 20}},
+    "study-lam1": {"algorithm": {"lam": 1.0}},
     "study-lam2": {"algorithm": {"lam": 2.0}},
     "study-cg1": {"algorithm": {"cg_steps": 1}},
-    "study-mb16": {"meta_batch": 16, "meta_steps": 200},
+    "study-mb16": {"meta_batch": 16},
     "study-constant-lr": {"lr_schedule": "constant"},
     "study-paper-net": {"network": {"blocks": 4, "padding": 1, "hidden": 64, "init": "he"}},
 }
@@ -301,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         load_splits(args.data_dir, args.cache_dir, args.seeds[0])  # fail early, and build the cache once
-    except DatasetError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (DatasetError, OSError) as e:  # a missing archive is a FileNotFoundError
+        message = " ".join(str(e).split()).replace("call load_omniglot(..., download=True)",
+                                                    "run `python -m applications.imaml train --download`")
+        print(f"error: {message}", file=sys.stderr)
         return 2
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)

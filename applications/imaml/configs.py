@@ -127,12 +127,12 @@ def _table2() -> dict[str, ExperimentConfig]:
     # the small CPU configuration behind README's main command: under 8 minutes on two cores, training and the
     # 600-episode evaluation together. Its choices come from the study in applications/imaml/README.md: the
     # peers' 3-block network with PyTorch's initialisation, Gauss-Newton curvature with the support logits'
-    # Jacobian built once per task (no negative curvature, near-free CG steps), 10 inner steps, lam = 1 and a
+    # Jacobian built once per task (no negative curvature, near-free CG steps), 10 inner steps, lam = 0.5 and a
     # cosine-decayed Adam over 400 steps of 8 tasks.
     out["omniglot-5w1s-gd-cpu"] = out["omniglot-5w1s-gd"].replace(
         meta_batch=8, meta_steps=400, eval_episodes=600, eval_every=0, checkpoint_every=50,
         lr_schedule="cosine", network=dict(PEER_NETWORK),
-        algorithm={"inner_steps": 10, "lam": 1.0, "curvature": "gauss_newton_jacobian",
+        algorithm={"inner_steps": 10, "lam": 0.5, "curvature": "gauss_newton_jacobian",
                    "vmap": False})  # on a CPU the loop over tasks is faster than vmap
     # the same with matrix-free Gauss-Newton products (the same meta-gradient, products through the network)
     out["omniglot-5w1s-gn-cpu"] = out["omniglot-5w1s-gd-cpu"].replace(algorithm={"curvature": "gauss_newton"})
