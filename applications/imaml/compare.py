@@ -18,7 +18,7 @@ Settings: ``imaml`` is bilevel's default (the configuration of README's main job
 first-order direction), ``imaml-hf`` Hessian-free Newton inside. ``maml-peers`` and
 ``fomaml-peers`` are MAML and first-order MAML written the way higher's
 ``examples/maml-omniglot.py`` sets them up (3-block net without padding, PyTorch's
-initialisation, 5 SGD steps of 0.1, 32 tasks per Adam step of 1e-3, 15 queries per class),
+initialisation, 5 SGD steps of 0.1, 32 tasks per step of a constant Adam 1e-3, 15 queries per class),
 run by ``bilevel.unrolled``; ``reptile`` is Reptile (Nichol et al., 2018) on the same network.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -49,12 +50,13 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "imaml-hf": ("omniglot-5w1s-gd-cpu", {"algorithm": {"name": "imaml_hf"}}),
     "maml-peers": ("omniglot-5w1s-gd-cpu", {"algorithm": {"name": "maml", "inner_steps": 5, "inner_lr": 0.1},
                                             "meta_batch": 32, "k_query": 15, "outer_lr": 1e-3,
-                                            "network": dict(PEER_NETWORK)}),
+                                            "lr_schedule": "constant", "network": dict(PEER_NETWORK)}),
     "fomaml-peers": ("omniglot-5w1s-gd-cpu", {"algorithm": {"name": "fomaml", "inner_steps": 5, "inner_lr": 0.1},
                                               "meta_batch": 32, "k_query": 15, "outer_lr": 1e-3,
-                                              "network": dict(PEER_NETWORK)}),
+                                              "lr_schedule": "constant", "network": dict(PEER_NETWORK)}),
     "reptile": ("omniglot-5w1s-gd-cpu", {"algorithm": {"name": "reptile", "inner_steps": 5, "inner_lr": 0.1},
-                                         "meta_batch": 8, "network": dict(PEER_NETWORK)}),
+                                         "meta_batch": 8, "lr_schedule": "constant",
+                                         "network": dict(PEER_NETWORK)}),
 }
 #: One change at a time from the default (``imaml``): what each study setting changes, in words.
 STUDY_CHANGES: dict[str, str] = {
@@ -193,7 +195,9 @@ def run_all(jobs: list[tuple[str, int]], common: dict[str, Any], seconds: float,
             return [run_one(n, s, **kw) for n, s, kw in items]
         return [f.result() for f in [pool.submit(run_one, n, s, **kw) for n, s, kw in items]]
 
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    # spawned, not forked: a child forked after the parent's OpenMP pool started may hang in it
+    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 else None)
     try:
         first = submit_all(pool, [(n, s, {**common, "seconds": 0.0 if _schedule_decays(n) else seconds})
                                   for n, s in jobs])
