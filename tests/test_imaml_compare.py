@@ -91,7 +91,7 @@ def test_results_blocks_are_regenerated_from_their_files(tmp_path, monkeypatch):
     monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
     (tmp_path / "main_job.json").write_text(json.dumps({
         "runs": [{"seed": 0, "accuracy": 91.234, "ci95": 0.8, "train_seconds": 300.0, "eval_seconds": 30.0,
-                  "last20_query_accuracy": 90.0, "best20_query_accuracy": 91.0}],
+                  "wall_seconds": 340.0, "last20_query_accuracy": 90.0, "best20_query_accuracy": 91.0}],
         "mean_accuracy": 91.234, "commits": ["abc123"]}))
     text = "before\n<!-- results:main-job -->\nold text\n<!-- /results:main-job -->\nafter\n"
     new = quote.rewrite(text)

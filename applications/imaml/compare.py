@@ -71,6 +71,7 @@ STUDY_CHANGES: dict[str, str] = {
     "study-cg1": "1 CG step instead of 5",
     "study-mb16": "16 tasks per meta-step instead of 8 (half as many steps)",
     "study-constant-lr": "constant Adam learning rate instead of the cosine decay",
+    "study-q15": "15 query images per class instead of 5 (as the peers' scripts)",
     "study-paper-net": "the paper's 4-block padded network with He initialisation",
 }
 #: The study's settings: the default with one change each (see :data:`STUDY_CHANGES`).
@@ -85,6 +86,7 @@ STUDY: dict[str, dict[str, Any]] = {
     "study-cg1": {"algorithm": {"cg_steps": 1}},
     "study-mb16": {"meta_batch": 16},
     "study-constant-lr": {"lr_schedule": "constant"},
+    "study-q15": {"k_query": 15},
     "study-paper-net": {"network": {"blocks": 4, "padding": 1, "hidden": 64, "init": "he"}},
 }
 SETTINGS.update({name: ("omniglot-5w1s-gd-cpu", changes) for name, changes in STUDY.items()})

@@ -11,7 +11,7 @@ of the code that measured it. Commands::
 
     python -m applications.imaml.quote collect-main RUN [RUN ...]   # results/main_job.json from run folders
     python -m applications.imaml.quote collect-compare OUT NAME      # results/NAME.json from a compare folder
-    python -m applications.imaml.quote write                         # regenerate every block in place
+    python -m applications.imaml.quote write [BLOCK ...]             # regenerate the blocks in place
     python -m applications.imaml.quote check                         # exit 1 if any block is stale
 
 ``tests/test_quote.py`` runs ``check``, so a README whose numbers disagree with the committed
@@ -85,16 +85,20 @@ def _load(name: str) -> dict[str, Any] | None:
 
 
 def _main_job(data: dict[str, Any]) -> str:
-    lines = ["| seed | meta-test accuracy (600 episodes) | training | evaluation | query accuracy, last 20 steps / best 20 |",
-             "|---|---|---|---|---|"]
+    lines = ["| seed | meta-test accuracy (600 episodes) | training | evaluation | whole command | "
+             "query accuracy, last 20 steps / best 20 |",
+             "|---|---|---|---|---|---|"]
     for r in data["runs"]:
+        wall = f"{r['wall_seconds']:.0f} s" if r.get("wall_seconds") is not None else "-"
         lines.append(f"| {r['seed']} | {r['accuracy']:.2f} ± {r['ci95']:.2f}% | {r['train_seconds']:.0f} s | "
-                     f"{r['eval_seconds']:.0f} s | {r['last20_query_accuracy']:.1f}% / "
+                     f"{r['eval_seconds']:.0f} s | {wall} | {r['last20_query_accuracy']:.1f}% / "
                      f"{r['best20_query_accuracy']:.1f}% |")
     lines.append("")
     lines.append(f"Mean of the {len(data['runs'])} seeds: **{data['mean_accuracy']:.2f}%** (chance: 20%). "
                  f"Measured at commit {', '.join(data['commits'])} "
                  f"(`applications/imaml/results/main_job.json`).")
+    if data.get("note"):
+        lines.append(data["note"])
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +124,8 @@ def _compare(data: dict[str, Any]) -> str:
                  f"{args['episodes']} meta-test episodes with {args['query']} queries per class, the same episodes "
                  f"for every setting of a seed; {args['threads']} thread(s) per run, {args['jobs']} run(s) at once. "
                  f"Measured at commit {data.get('commit')}.")
+    if data.get("note"):
+        lines.append(data["note"])
     return "\n".join(lines) + "\n"
 
 
@@ -157,9 +163,14 @@ def render(name: str) -> str:
     return renderer(data)
 
 
-def rewrite(text: str) -> str:
-    """``text`` with every marked block regenerated."""
-    return _BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+def rewrite(text: str, names: list[str] | None = None) -> str:
+    """``text`` with every marked block (or those in ``names``) regenerated."""
+    def one(m):
+        if names and m.group("name") not in names:
+            return m.group(0)
+        return m.group(1) + render(m.group("name")) + m.group(4)
+
+    return _BLOCK.sub(one, text)
 
 
 def stale_blocks() -> list[str]:
@@ -184,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(collect_main(rest)["mean_accuracy"]))
     elif cmd == "collect-compare":
         collect_compare(rest[0], rest[1])
-    elif cmd == "write":
+    elif cmd == "write":  # write [BLOCK ...]: every block, or the ones named
         for doc in DOCUMENTS:
-            doc.write_text(rewrite(doc.read_text()))
+            doc.write_text(rewrite(doc.read_text(), rest or None))
     elif cmd == "check":
         stale = stale_blocks()
         if stale:

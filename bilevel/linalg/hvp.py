@@ -25,8 +25,8 @@ And one approximation, for losses of predictions (:class:`bilevel.PredictionLoss
     The same matrix with the predictor's Jacobian ``J`` (``m`` outputs by ``n``
     parameters) built once, by ``m`` vector-Jacobian products, and the
     criterion's ``m x m`` Hessian beside it: every product is then two
-    matrix-vector products with ``J``, some ``1000`` times cheaper than a
-    pass through the network. It pays when the outputs are few (few-shot
+    matrix-vector products with ``J`` instead of passes through the
+    network. It pays when the outputs are few (few-shot
     support sets: 5-way 1-shot has ``m = 25`` logits) and costs ``m n``
     numbers of memory, so it is for small ``m`` only.
 """
