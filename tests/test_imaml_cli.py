@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from applications.imaml import __main__ as cli
+from applications.imaml.configs import get_config
 from applications.imaml.data import EpisodeSampler
 
 # a tiny 3-way 1-shot iMAML run on generated data: a few seconds for two meta-steps and the evaluation
@@ -225,8 +226,9 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(trained, capsys, damage, com
 def test_resume_refuses_a_checkpoint_of_another_configuration(trained, capsys):
     line = fails(capsys, ["train", *TINY, "--out", str(trained), "--steps", "2", "--resume", "--ways", "4",
                           "--lam", "3"])
-    assert "was written by a different configuration (algorithm.lam: checkpoint 2.0, now 3.0; n_way: checkpoint 3, " \
-           "now 4); use another --out folder, or the same config and overrides as that run." in line
+    lam = get_config("omniglot-5w1s-gd-cpu").algorithm["lam"]
+    assert f"was written by a different configuration (algorithm.lam: checkpoint {lam}, now 3.0; n_way: checkpoint " \
+           f"3, now 4); use another --out folder, or the same config and overrides as that run." in line
     # more steps, other checkpoint and evaluation intervals leave the trajectory alone: resuming with them works
     assert cli.main(["train", *TINY, "--out", str(trained), "--steps", "2", "--checkpoint-every", "5",
                      "--eval-episodes", "3", "--resume"]) == 0

@@ -9,7 +9,8 @@ the budget on ``--episodes`` (default 600) episodes, again the same for every se
 seed. Evaluation time is kept off the training clock. It writes
 
 * ``runs/<setting>-s<seed>.json``: one run's curve, final accuracies and per-step diagnostics
-  (a finished run is not repeated when the command is run again);
+  (a finished run is not repeated when the command is run again with the same ``--out``; the
+  file is named by setting and seed only, so use a new ``--out`` when changing a budget);
 * ``compare.json``: every run plus the mean over seeds of each setting;
 * ``compare.png``: meta-test accuracy against tasks seen and against training time.
 
@@ -257,17 +258,21 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
             label = name if j == 0 else None
             for ax, key in ((axes[0], "tasks"), (axes[1], "seconds")):
                 points = run.get("time_curve", run["curve"]) if key == "seconds" else run["curve"]
+                final = run["final"].get(key)
+                if final is not None and points and final[key] > points[-1][key]:
+                    points = [*points, final]  # the final evaluation of that budget ends the curve
                 ax.plot([p[key] for p in points], [p["accuracy"] for p in points], "o-", ms=3,
                         color=color, alpha=0.8, label=label)
+    lowest = min((p["accuracy"] for r in runs for p in r["curve"]), default=20.0)
     for ax, label in ((axes[0], "meta-training tasks seen"), (axes[1], "training time (s)")):
         ax.set_xlabel(label)
         ax.set_ylabel("meta-test accuracy (%)")
-        ax.axhline(20.0, color="0.6", lw=0.8, ls=":")
+        ax.set_ylim(max(0.0, lowest - 5.0), None)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
     threads = runs[0].get("threads", 1) if runs else 1
     fig.suptitle(f"Omniglot 5-way 1-shot, same tasks and meta-test episodes per seed "
-                 f"({len({r['seed'] for r in runs})} seeds, {threads} thread(s) per run)")
+                 f"({len({r['seed'] for r in runs})} seeds, {threads} thread(s) per run; chance 20%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
