@@ -674,8 +674,9 @@ def test_linear_function_gives_zero_hvp(mode):
 
 def test_default_hvp_mode_is_listed():
     assert bl.linalg.DEFAULT_HVP_MODE in bl.linalg.HVP_MODES
-    assert set(bl.linalg.HVP_MODES) == {"reverse", "forward", "gauss_newton"}
+    assert set(bl.linalg.HVP_MODES) == {"reverse", "forward", "gauss_newton", "gauss_newton_jacobian"}
     assert set(bl.linalg.EXACT_HVP_MODES) == {"reverse", "forward"}
+    assert set(bl.linalg.GAUSS_NEWTON_MODES) == set(bl.linalg.HVP_MODES) - set(bl.linalg.EXACT_HVP_MODES)
 
 
 # --------------------------------------------------------------------------- power iteration
