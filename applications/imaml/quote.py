@@ -130,7 +130,8 @@ def _compare(data: dict[str, Any]) -> str:
 
 
 def _study(data: dict[str, Any]) -> str:
-    lines = ["| setting | change from the default | s / task | meta-test accuracy | per seed |", "|---|---|---|---|---|"]
+    lines = ["| setting | change from the default | s / task | meta-test accuracy (mean of seeds ± mean 95% interval) "
+             "| per seed |", "|---|---|---|---|---|"]
     changes = data.get("changes", {})
     for name, row in data["summary"].items():
         per_seed = ", ".join(f"{a:.1f}" for a, _ in row["per_seed_at_tasks"])
@@ -138,8 +139,12 @@ def _study(data: dict[str, Any]) -> str:
                      f"{row['accuracy_at_tasks']:.2f} ± {row['ci95_at_tasks']:.2f}% | {per_seed} |")
     args = data["arguments"]
     lines.append("")
-    lines.append(f"{args['tasks']} meta-training tasks per run, {args['episodes']} meta-test episodes; seeds "
-                 f"{', '.join(map(str, args['seeds']))}. Measured at commit {data.get('commit')}.")
+    lines.append(f"{args['tasks']} meta-training tasks per run, {args['episodes']} meta-test episodes with "
+                 f"{args['query']} queries per class; seeds {', '.join(map(str, args['seeds']))}; "
+                 f"{args['threads']} thread(s) per run, {args['jobs']} run(s) at once. "
+                 f"Measured at commit {data.get('commit')}.")
+    if data.get("note"):
+        lines.append(data["note"])
     return "\n".join(lines) + "\n"
 
 
