@@ -24,3 +24,12 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
+
+
+@pytest.fixture
+def float32_default():
+    """float32 as the default dtype, as the few-shot application runs (like on a GPU)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)

@@ -23,12 +23,7 @@ TINY = ["--config", "omniglot-5w1s-gd-cpu", "--ways", "3", "--shots", "1", "--qu
         "--inner-steps", "2", "--cg-steps", "2", "--eval-episodes", "4", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # the application runs in float32
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default")  # the application runs in float32, like on a GPU
 
 
 def class_pool(n_classes=12, per_class=6, seed=0) -> torch.Tensor:

@@ -12,12 +12,7 @@ from applications.imaml import compare, quote
 from applications.imaml.configs import ExperimentConfig, get_config
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # the application runs in float32, like on a GPU
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default")  # the application runs in float32
 
 
 def fake_splits(data_dir, cache_dir, seed):

@@ -21,12 +21,7 @@ from applications.imaml.train import (CheckpointError, CheckpointMismatchError, 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # the application runs in float32, like on a GPU
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default")  # the application runs in float32, like on a GPU
 
 
 def class_pool(n_classes=12, per_class=6, seed=0) -> torch.Tensor:
