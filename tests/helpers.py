@@ -93,3 +93,11 @@ class WrongGradient(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return -2 * x * g
+
+
+def class_pool(n_classes=12, per_class=6, seed=0) -> torch.Tensor:
+    """Generated 'characters': each class a random stroke pattern, its drawings noisy copies (uint8)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(n_classes, 1, 1, 28, 28, generator=g) > 0.7).float()
+    noise = (torch.rand(n_classes, per_class, 1, 28, 28, generator=g) > 0.9).float()
+    return ((protos + noise).clamp(0, 1) * 255).to(torch.uint8)

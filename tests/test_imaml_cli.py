@@ -13,6 +13,7 @@ import signal
 
 import pytest
 import torch
+from helpers import class_pool
 
 from applications.imaml import __main__ as cli
 from applications.imaml.configs import get_config
@@ -24,14 +25,6 @@ TINY = ["--config", "omniglot-5w1s-gd-cpu", "--ways", "3", "--shots", "1", "--qu
 
 
 pytestmark = pytest.mark.usefixtures("float32_default")  # the application runs in float32, like on a GPU
-
-
-def class_pool(n_classes=12, per_class=6, seed=0) -> torch.Tensor:
-    """Generated 'characters': each class a random stroke pattern, its drawings noisy copies (uint8)."""
-    g = torch.Generator().manual_seed(seed)
-    protos = (torch.rand(n_classes, 1, 1, 28, 28, generator=g) > 0.7).float()
-    noise = (torch.rand(n_classes, per_class, 1, 28, 28, generator=g) > 0.9).float()
-    return ((protos + noise).clamp(0, 1) * 255).to(torch.uint8)
 
 
 class SignallingSampler(EpisodeSampler):

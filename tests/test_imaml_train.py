@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from helpers import class_pool
 
 from applications.imaml.algorithms import ALGORITHMS, TASK_DIAGNOSTICS, AlgorithmConfig, MetaLearner, TaskBatch
 from applications.imaml.configs import CONFIGS, PAPER_TABLE2, ExperimentConfig, get_config
@@ -22,14 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("float32_default")  # the application runs in float32, like on a GPU
-
-
-def class_pool(n_classes=12, per_class=6, seed=0) -> torch.Tensor:
-    """Generated 'characters': each class a random stroke pattern, its drawings noisy copies (uint8)."""
-    g = torch.Generator().manual_seed(seed)
-    protos = (torch.rand(n_classes, 1, 1, 28, 28, generator=g) > 0.7).float()
-    noise = (torch.rand(n_classes, per_class, 1, 28, 28, generator=g) > 0.9).float()
-    return ((protos + noise).clamp(0, 1) * 255).to(torch.uint8)
 
 
 def fixed_batch(n_way=3, k_shot=1, k_query=2, tasks=2, seed=0) -> TaskBatch:

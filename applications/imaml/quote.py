@@ -84,6 +84,13 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _finish(lines: list[str], data: dict[str, Any]) -> str:
+    """The block's text: ``lines``, then the results file's ``note`` if it has one."""
+    if data.get("note"):
+        lines.append(data["note"])
+    return "\n".join(lines) + "\n"
+
+
 def _main_job(data: dict[str, Any]) -> str:
     lines = ["| seed | meta-test accuracy (600 episodes) | training | evaluation | whole command | "
              "query accuracy, last 20 steps / best 20 |",
@@ -97,9 +104,7 @@ def _main_job(data: dict[str, Any]) -> str:
     lines.append(f"Mean of the {len(data['runs'])} seeds: **{data['mean_accuracy']:.2f}%** (chance: 20%). "
                  f"Measured at commit {', '.join(data['commits'])} "
                  f"(`applications/imaml/results/main_job.json`).")
-    if data.get("note"):
-        lines.append(data["note"])
-    return "\n".join(lines) + "\n"
+    return _finish(lines, data)
 
 
 def _compare(data: dict[str, Any]) -> str:
@@ -124,9 +129,7 @@ def _compare(data: dict[str, Any]) -> str:
                  f"{args['episodes']} meta-test episodes with {args['query']} queries per class, the same episodes "
                  f"for every setting of a seed; {args['threads']} thread(s) per run, {args['jobs']} run(s) at once. "
                  f"Measured at commit {data.get('commit')}.")
-    if data.get("note"):
-        lines.append(data["note"])
-    return "\n".join(lines) + "\n"
+    return _finish(lines, data)
 
 
 def _study(data: dict[str, Any]) -> str:
@@ -143,9 +146,7 @@ def _study(data: dict[str, Any]) -> str:
                  f"{args['query']} queries per class; seeds {', '.join(map(str, args['seeds']))}; "
                  f"{args['threads']} thread(s) per run, {args['jobs']} run(s) at once. "
                  f"Measured at commit {data.get('commit')}.")
-    if data.get("note"):
-        lines.append(data["note"])
-    return "\n".join(lines) + "\n"
+    return _finish(lines, data)
 
 
 #: block name -> (results file, renderer)
