@@ -62,6 +62,25 @@ def test_compare_evaluates_at_equal_wall_time_too(small_settings, tmp_path):
     assert [st["lr"] for st in timed["steps"]] == pytest.approx([cfg.learning_rate(i) for i in range(len(timed["steps"]))])
 
 
+def _row(seeds, accs, ci):
+    return {"seeds": seeds, "accuracy_at_tasks": sum(accs) / len(accs), "ci95_at_tasks": ci,
+            "per_seed_at_tasks": [(a, ci) for a in accs]}
+
+
+def test_margins_say_ahead_only_when_the_intervals_do_not_overlap():
+    summary = {"imaml": _row([0, 1], [88.0, 87.0], 0.6), "maml-peers": _row([1, 0], [86.0, 86.5], 0.6),
+               "fomaml-peers": _row([0, 1], [87.0, 86.4], 0.5)}
+    m = compare.margins(summary)
+    assert set(m) == {"maml-peers@tasks", "fomaml-peers@tasks"}  # no seconds budget in these rows
+    maml = m["maml-peers@tasks"]
+    assert maml["lead"] == pytest.approx(87.5 - 86.25) and maml["intervals"] == pytest.approx(1.2)
+    assert maml["ahead"] is True
+    assert maml["lead_min_over_seeds"] == pytest.approx(87.0 - 86.0)  # paired by seed, not by position
+    fo = m["fomaml-peers@tasks"]
+    assert fo["lead"] == pytest.approx(0.8) and fo["ahead"] is False  # a lead inside the intervals
+    assert compare.margins({"maml-peers": summary["maml-peers"]}) == {}  # nothing to compare with
+
+
 def test_compare_settings_and_errors(tmp_path, capsys):
     cfg = compare.setting_config("maml-peers", 3)
     assert isinstance(cfg, ExperimentConfig) and cfg.seed == 3

@@ -129,6 +129,16 @@ def _compare(data: dict[str, Any]) -> str:
                  f"{args['episodes']} meta-test episodes with {args['query']} queries per class, the same episodes "
                  f"for every setting of a seed; {args['threads']} thread(s) per run, {args['jobs']} run(s) at once. "
                  f"Measured at commit {data.get('commit')}.")
+    if data.get("margins"):
+        lines.append("")
+        lines.append("| `imaml` against | budget | lead (points) | sum of the 95% intervals | smallest lead of a seed | "
+                     "ahead by more than the intervals |")
+        lines.append("|---|---|---|---|---|---|")
+        for row in data["margins"].values():
+            budget = f"{tasks} tasks" if row["budget"] == "tasks" else f"{seconds:.0f} s"
+            low = row.get("lead_min_over_seeds")
+            lines.append(f"| `{row['against']}` | {budget} | {row['lead']:+.2f} | {row['intervals']:.2f} | "
+                         f"{'-' if low is None else f'{low:+.2f}'} | {'yes' if row['ahead'] else 'no'} |")
     return _finish(lines, data)
 
 
