@@ -101,6 +101,35 @@ def test_readme_results_blocks_match_the_committed_results_files():
     assert not stale, f"regenerate with python -m applications.imaml.quote write: {stale}"
 
 
+def test_committed_results_were_measured_on_todays_configurations():
+    stale = quote.stale_configs()
+    assert not stale, "measure these again (the configuration changed after they were measured):\n" + "\n".join(stale)
+
+
+def test_a_changed_configuration_makes_its_results_stale(tmp_path, monkeypatch):
+    from applications.imaml.configs import get_config
+
+    monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
+    today = get_config("omniglot-5w1s-gd-cpu")
+    runs = [{"seed": 0, "config": today.replace(seed=0).to_dict()},
+            {"seed": 1, "config": today.replace(seed=1, outer_lr=today.outer_lr / 3).to_dict()},
+            {"seed": 2, "config": today.replace(seed=2, meta_steps=today.meta_steps // 2).to_dict()}]
+    (tmp_path / "main_job.json").write_text(json.dumps({"config": runs[0]["config"], "runs": runs}))
+    study = {"runs": [{"setting": "study-k5", "seed": 0,
+                       "config": compare.setting_config("study-k5", 0).replace(meta_steps=7).to_dict()},
+                      {"setting": "imaml", "seed": 1,
+                       "config": compare.setting_config("imaml", 1).replace(algorithm={"lam": 2.0}).to_dict()},
+                      {"setting": "gone", "seed": 0, "config": {}}]}
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    stale = quote.stale_configs()
+    assert len(stale) == 4, stale
+    assert stale[0].startswith("main_job: seed 1: outer_lr:")
+    assert stale[1].startswith("main_job: seed 2: meta_steps:")
+    assert stale[2] == "study: imaml seed 1: algorithm.lam: 2.0 measured, 0.5 now"
+    assert stale[3] == "study: gone: no longer a setting"
+    assert quote.main(["check"]) == 1
+
+
 def test_results_blocks_are_regenerated_from_their_files(tmp_path, monkeypatch):
     monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
     (tmp_path / "main_job.json").write_text(json.dumps({

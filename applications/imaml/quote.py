@@ -12,10 +12,11 @@ of the code that measured it. Commands::
     python -m applications.imaml.quote collect-main RUN [RUN ...]   # results/main_job.json from run folders
     python -m applications.imaml.quote collect-compare OUT NAME      # results/NAME.json from a compare folder
     python -m applications.imaml.quote write [BLOCK ...]             # regenerate the blocks in place
-    python -m applications.imaml.quote check                         # exit 1 if any block is stale
+    python -m applications.imaml.quote check                         # exit 1 if anything is stale
 
-``tests/test_quote.py`` runs ``check``, so a README whose numbers disagree with the committed
-results fails the tests.
+``tests/test_imaml_compare.py`` runs both checks: a README whose numbers disagree with the
+committed results fails the tests, and so do results measured on a configuration that has
+since changed (:func:`stale_configs`: a new default must be measured again before it is quoted).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from .io import git_commit
 
 __all__ = ["RESULTS_DIR", "DOCUMENTS", "BLOCKS", "git_commit", "collect_main", "collect_compare", "render",
-           "rewrite", "stale_blocks", "main"]
+           "rewrite", "stale_blocks", "stale_configs", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Where the committed results files live.
@@ -57,7 +58,7 @@ def collect_main(runs: list[str | Path], out: Path | None = None) -> dict[str, A
             "train_seconds": summary.get("train_seconds", records[-1].get("seconds")),
             "eval_seconds": summary.get("eval_seconds"), "wall_seconds": summary.get("wall_seconds"),
             "last20_query_accuracy": means[-1], "best20_query_accuracy": max(means),
-            "commit": summary.get("commit"), "threads": summary.get("threads"),
+            "commit": summary.get("commit"), "threads": summary.get("threads"), "config": summary["config"],
         })
     accs = [r["accuracy"] for r in rows]
     result = {"what": "README's main job, one run per seed", "config": summary["config"], "runs": rows,
@@ -200,6 +201,58 @@ def stale_blocks() -> list[str]:
     return stale
 
 
+#: Fields that a run sets for itself (its seed, the length of its schedule, how often it saves):
+#: they may differ from the configuration's without the measurement being of another set-up.
+_PER_RUN_FIELDS = ("seed", "meta_steps", "checkpoint_every", "eval_every", "eval_episodes")
+
+
+def _config_differences(measured: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(measured) | set(current)):
+        if key in _PER_RUN_FIELDS:
+            continue
+        a, b = measured.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: {a.get(k)!r} measured, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} measured, {b!r} now")
+    return out
+
+
+def stale_configs() -> list[str]:
+    """Results measured on a configuration other than today's: ``file: setting: field: measured, now``.
+
+    README's main job must have been measured on :func:`~applications.imaml.configs.get_config`'s
+    ``omniglot-5w1s-gd-cpu`` (the meta-steps too: they are the job's budget), and every run of a
+    comparison on the setting of that name in :data:`~applications.imaml.compare.SETTINGS` (up to the
+    fields a run sets for itself: seed, schedule length, checkpoint interval).
+    """
+    from .compare import SETTINGS, setting_config
+    from .configs import get_config
+
+    stale = []
+    main = _load("main_job")
+    if main is not None:
+        current = get_config("omniglot-5w1s-gd-cpu").to_dict()
+        for run in main["runs"]:
+            measured = run.get("config", main["config"])
+            diffs = _config_differences(measured, current)
+            if measured.get("meta_steps") != current["meta_steps"]:
+                diffs.append(f"meta_steps: {measured.get('meta_steps')!r} measured, {current['meta_steps']!r} now")
+            stale += [f"main_job: seed {run['seed']}: {d}" for d in diffs]
+    for file in ("compare", "study"):
+        data = _load(file)
+        for run in (data or {}).get("runs", []):
+            name = run["setting"]
+            if name not in SETTINGS:
+                stale.append(f"{file}: {name}: no longer a setting")
+                continue
+            diffs = _config_differences(run["config"], setting_config(name, run["seed"]).to_dict())
+            stale += [f"{file}: {name} seed {run['seed']}: {d}" for d in diffs]
+    return stale
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -219,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         if stale:
             print("stale results blocks (run python -m applications.imaml.quote write): " + ", ".join(stale),
                   file=sys.stderr)
+        configs = stale_configs()
+        if configs:
+            print("results measured on a configuration that has changed since (measure them again):\n  "
+                  + "\n  ".join(configs), file=sys.stderr)
+        if stale or configs:
             return 1
     else:
         print(f"error: unknown command {cmd!r}; use collect-main, collect-compare, write or check.", file=sys.stderr)
