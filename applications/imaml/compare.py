@@ -76,6 +76,7 @@ STUDY_CHANGES: dict[str, str] = {
     "study-constant-lr": "constant Adam learning rate (3e-3) instead of the cosine decay",
     "study-q15": "15 query images per class instead of 5 (as the peers' scripts)",
     "study-paper-net": "the paper's 4-block padded network with He initialisation",
+    "study-paper-net-torch-init": "the paper's 4-block padded network with PyTorch's initialisation",
 }
 #: The study's settings: the default with one change each (see :data:`STUDY_CHANGES`).
 STUDY: dict[str, dict[str, Any]] = {
@@ -93,6 +94,7 @@ STUDY: dict[str, dict[str, Any]] = {
     "study-constant-lr": {"lr_schedule": "constant"},
     "study-q15": {"k_query": 15},
     "study-paper-net": {"network": {"blocks": 4, "padding": 1, "hidden": 64, "init": "he"}},
+    "study-paper-net-torch-init": {"network": {"blocks": 4, "padding": 1, "hidden": 64, "init": "torch"}},
 }
 SETTINGS.update({name: ("omniglot-5w1s-gd-cpu", changes) for name, changes in STUDY.items()})
 #: The settings a plain ``compare`` trains.
