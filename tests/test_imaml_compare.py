@@ -130,6 +130,19 @@ def test_a_changed_configuration_makes_its_results_stale(tmp_path, monkeypatch):
     assert quote.main(["check"]) == 1
 
 
+def test_the_study_plot_draws_every_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
+    assert quote.main(["plot-study"]) == 2  # no results file yet: one clear error
+    summary = {name: {"accuracy_at_tasks": 80.0 + i, "ci95_at_tasks": 1.0, "seconds_per_task": 0.1 * (i + 1),
+                      "per_seed_at_tasks": [(79.5 + i, 1.0), (80.5 + i, 1.0)]}
+               for i, name in enumerate(["imaml", "study-k5", "study-q15"])}
+    (tmp_path / "study.json").write_text(json.dumps({"summary": summary,
+                                                      "arguments": {"tasks": 600, "seeds": [0, 1]}}))
+    assert quote.main(["plot-study"]) == 0
+    png = (tmp_path / "study.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
 def test_results_blocks_are_regenerated_from_their_files(tmp_path, monkeypatch):
     monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
     (tmp_path / "main_job.json").write_text(json.dumps({

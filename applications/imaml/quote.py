@@ -12,6 +12,7 @@ of the code that measured it. Commands::
     python -m applications.imaml.quote collect-main RUN [RUN ...]   # results/main_job.json from run folders
     python -m applications.imaml.quote collect-compare OUT NAME      # results/NAME.json from a compare folder
     python -m applications.imaml.quote write [BLOCK ...]             # regenerate the blocks in place
+    python -m applications.imaml.quote plot-study                    # results/study.png from results/study.json
     python -m applications.imaml.quote check                         # exit 1 if anything is stale
 
 ``tests/test_imaml_compare.py`` runs both checks: a README whose numbers disagree with the
@@ -30,7 +31,7 @@ from typing import Any, Callable
 from .io import git_commit
 
 __all__ = ["RESULTS_DIR", "DOCUMENTS", "BLOCKS", "git_commit", "collect_main", "collect_compare", "render",
-           "rewrite", "stale_blocks", "stale_configs", "main"]
+           "rewrite", "stale_blocks", "stale_configs", "plot_study", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Where the committed results files live.
@@ -201,6 +202,46 @@ def stale_blocks() -> list[str]:
     return stale
 
 
+def plot_study(data: dict[str, Any], path: Path) -> Path:
+    """``study.png``: each setting's meta-test accuracy (seeds as dots, mean with its interval) and cost per task.
+
+    The settings are drawn in the order of the results file; the default's mean is a dashed line, so
+    that a change that helps lies to its right and one that hurts to its left.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(data["summary"])
+    rows = [data["summary"][n] for n in names]
+    y = list(range(len(names)))[::-1]
+    fig, (acc_ax, cost_ax) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.6), sharey=True,
+                                          gridspec_kw={"width_ratios": [3, 1]})
+    base = data["summary"].get("imaml")
+    if base is not None:
+        acc_ax.axvline(base["accuracy_at_tasks"], color="0.5", ls="--", lw=1)
+        cost_ax.axvline(base["seconds_per_task"], color="0.5", ls="--", lw=1)
+    for yi, name, row in zip(y, names, rows):
+        color = "C0" if name == "imaml" else "C1"
+        acc_ax.errorbar(row["accuracy_at_tasks"], yi, xerr=row["ci95_at_tasks"], fmt="o", color=color, capsize=3)
+        acc_ax.plot([a for a, _ in row["per_seed_at_tasks"]], [yi] * len(row["per_seed_at_tasks"]), "x",
+                    color="0.3", ms=5)
+        cost_ax.barh(yi, row["seconds_per_task"], color=color, alpha=0.7)
+    acc_ax.set_yticks(y, names)
+    acc_ax.set_xlabel("meta-test accuracy (%): mean of seeds ± mean 95% interval; x: each seed")
+    cost_ax.set_xlabel("training seconds per task")
+    for ax in (acc_ax, cost_ax):
+        ax.grid(axis="x", alpha=0.3)
+    args = data["arguments"]
+    fig.suptitle(f"One change at a time from the default (dashed): Omniglot 5-way 1-shot, {args['tasks']} tasks, "
+                 f"seeds {', '.join(map(str, args['seeds']))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 #: Fields that a run sets for itself (its seed, the length of its schedule, how often it saves):
 #: they may differ from the configuration's without the measurement being of another set-up.
 _PER_RUN_FIELDS = ("seed", "meta_steps", "checkpoint_every", "eval_every", "eval_episodes")
@@ -267,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd == "write":  # write [BLOCK ...]: every block, or the ones named
         for doc in DOCUMENTS:
             doc.write_text(rewrite(doc.read_text(), rest or None))
+    elif cmd == "plot-study":
+        data = _load("study")
+        if data is None:
+            print("error: results/study.json is missing; run collect-compare OUT study first.", file=sys.stderr)
+            return 2
+        print(plot_study(data, RESULTS_DIR / "study.png"))
     elif cmd == "check":
         stale = stale_blocks()
         if stale:
@@ -279,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if stale or configs:
             return 1
     else:
-        print(f"error: unknown command {cmd!r}; use collect-main, collect-compare, write or check.", file=sys.stderr)
+        print(f"error: unknown command {cmd!r}; use collect-main, collect-compare, write, plot-study or check.", file=sys.stderr)
         return 2
     return 0
 
