@@ -106,7 +106,7 @@ def test_committed_results_were_measured_on_todays_configurations():
     assert not stale, "measure these again (the configuration changed after they were measured):\n" + "\n".join(stale)
 
 
-def test_a_changed_configuration_makes_its_results_stale(tmp_path, monkeypatch):
+def test_a_changed_configuration_makes_its_results_stale(tmp_path, monkeypatch, capsys):
     from applications.imaml.configs import get_config
 
     monkeypatch.setattr(quote, "RESULTS_DIR", tmp_path)
@@ -127,7 +127,9 @@ def test_a_changed_configuration_makes_its_results_stale(tmp_path, monkeypatch):
     assert stale[1].startswith("main_job: seed 2: meta_steps:")
     assert stale[2] == "study: imaml seed 1: algorithm.lam: 2.0 measured, 0.5 now"
     assert stale[3] == "study: gone: no longer a setting"
+    monkeypatch.setattr(quote, "stale_blocks", lambda: [])  # the texts agree; the configurations do not
     assert quote.main(["check"]) == 1
+    assert "measure them again" in capsys.readouterr().err
 
 
 def test_the_study_plot_draws_every_setting(tmp_path, monkeypatch):
