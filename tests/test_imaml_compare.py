@@ -79,6 +79,9 @@ def test_margins_say_ahead_only_when_the_intervals_do_not_overlap():
     fo = m["fomaml-peers@tasks"]
     assert fo["lead"] == pytest.approx(0.8) and fo["ahead"] is False  # a lead inside the intervals
     assert compare.margins({"maml-peers": summary["maml-peers"]}) == {}  # nothing to compare with
+    other = compare.margins({"study-k5": summary["imaml"], "maml-peers": summary["maml-peers"]}, reference="study-k5")
+    assert other["maml-peers@tasks"]["reference"] == "study-k5"
+    assert other["maml-peers@tasks"]["lead"] == pytest.approx(maml["lead"])
 
 
 def test_compare_settings_and_errors(tmp_path, capsys):

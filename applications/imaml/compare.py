@@ -272,7 +272,8 @@ def margins(summary: dict[str, Any], reference: str = "imaml",
             width = ref[f"ci95_at_{key}"] + row[f"ci95_at_{key}"]
             paired = {s: a for s, (a, _) in zip(row["seeds"], row[f"per_seed_at_{key}"])}
             per_seed = [a - paired[s] for s, (a, _) in zip(ref["seeds"], ref[f"per_seed_at_{key}"]) if s in paired]
-            out[f"{name}@{key}"] = {"against": name, "budget": key, "lead": lead, "intervals": width,
+            out[f"{name}@{key}"] = {"reference": reference, "against": name, "budget": key, "lead": lead,
+                                    "intervals": width,
                                     "ahead": lead > width, "lead_min_over_seeds": min(per_seed, default=None)}
     return out
 
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve-episodes", type=_positive(int), default=100)
     p.add_argument("--curve-points", type=_positive(int), default=6)
     p.add_argument("--query", type=_positive(int), default=15, help="query images per class at meta-test")
+    p.add_argument("--reference", default="imaml", choices=list(SETTINGS),
+                   help="the setting whose lead over maml-peers and fomaml-peers is reported (default imaml)")
     p.add_argument("--jobs", type=_positive(int), default=1, help="runs at once (one process each)")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch threads per run")
     args = p.parse_args(argv)
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"queued {name} (seed {seed})", file=sys.stderr, flush=True)
     runs = run_all(jobs, common, args.seconds or 0.0, args.jobs)
     summary = summarise(runs)
-    leads = margins(summary)
+    leads = margins(summary, reference=args.reference)
     atomic_write_text(json.dumps({"arguments": {k: v for k, v in vars(args).items()}, "summary": summary,
                                   "margins": leads,
                                   "commit": git_commit(),
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f" {row['accuracy_at_seconds']:>10.2f} +- {row['ci95_at_seconds']:.2f}%"
         print(line)
     for row in leads.values():
-        print(f"imaml vs {row['against']} at the {row['budget']} budget: {row['lead']:+.2f} points "
+        print(f"{row['reference']} vs {row['against']} at the {row['budget']} budget: {row['lead']:+.2f} points "
               f"(intervals {row['intervals']:.2f}; {'ahead' if row['ahead'] else 'NOT ahead'} by more than them)")
     print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     return 0

@@ -133,7 +133,8 @@ def _compare(data: dict[str, Any]) -> str:
                  f"Measured at commit {data.get('commit')}.")
     if data.get("margins"):
         lines.append("")
-        lines.append("| `imaml` against | budget | lead (points) | sum of the 95% intervals | smallest lead of a seed | "
+        reference = next(iter(data["margins"].values())).get("reference", "imaml")
+        lines.append(f"| `{reference}` against | budget | lead (points) | sum of the 95% intervals | smallest lead of a seed | "
                      "ahead by more than the intervals |")
         lines.append("|---|---|---|---|---|---|")
         for row in data["margins"].values():
@@ -166,6 +167,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main-job": ("main_job", _main_job),
     "compare": ("compare", _compare),
     "study": ("study", _study),
+    "candidate": ("candidate", _compare),
 }
 
 
@@ -282,7 +284,7 @@ def stale_configs() -> list[str]:
             if measured.get("meta_steps") != current["meta_steps"]:
                 diffs.append(f"meta_steps: {measured.get('meta_steps')!r} measured, {current['meta_steps']!r} now")
             stale += [f"main_job: seed {run['seed']}: {d}" for d in diffs]
-    for file in ("compare", "study"):
+    for file in ("compare", "study", "candidate"):
         data = _load(file)
         for run in (data or {}).get("runs", []):
             name = run["setting"]
