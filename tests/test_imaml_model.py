@@ -64,5 +64,5 @@ def test_cosine_schedule_is_a_function_of_the_step():
 
 def test_network_field_merges_on_replace():
     c = ExperimentConfig().replace(network={"blocks": 3})
-    assert c.network == {"blocks": 3, "padding": 1, "hidden": 64, "init": "he"}
+    assert c.network == {"blocks": 3, "padding": 1, "hidden": 64, "init": "torch"}
     assert ExperimentConfig().replace(network=PEER_NETWORK).network == PEER_NETWORK
