@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .configs import PEER_NETWORK, ExperimentConfig, get_config
-from .io import atomic_write_text, git_commit
+from .io import atomic_write_text, git_commit, save_figure
 
 __all__ = ["SETTINGS", "STUDY", "STUDY_CHANGES", "DEFAULT_SETTINGS", "setting_config", "load_splits", "run_one",
            "run_all", "summarise", "margins", "plot", "main"]
@@ -306,12 +306,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
     threads = runs[0].get("threads", 1) if runs else 1
-    fig.suptitle(f"Omniglot 5-way 1-shot, same tasks and meta-test episodes per seed "
-                 f"({len({r['seed'] for r in runs})} seeds, {threads} thread(s) per run; chance 20%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"Omniglot 5-way 1-shot, same tasks and meta-test episodes per seed "
+                                  f"({len({r['seed'] for r in runs})} seeds, {threads} thread(s) per run; chance 20%)")
 
 
 def _positive(kind):

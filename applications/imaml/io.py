@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or a full disk never leaves half a checkpoint or cache file."""
+"""Files the application writes: atomic writes (a crash or a full disk never leaves half a checkpoint or
+cache file), figures, and the commit that results files record."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "git_commit"]
+__all__ = ["atomic_save", "atomic_write_text", "git_commit", "save_figure"]
 
 
 def _atomic(path: Path, mode: str, write) -> None:
@@ -79,3 +80,14 @@ def git_commit(root: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def save_figure(fig: Any, path: str | os.PathLike, title: str) -> Path:
+    """Give matplotlib figure ``fig`` its ``title``, lay it out, write it to ``path`` as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .io import git_commit
+from .io import git_commit, save_figure
 
 __all__ = ["RESULTS_DIR", "DOCUMENTS", "BLOCKS", "git_commit", "collect_main", "collect_compare", "render",
            "rewrite", "stale_blocks", "stale_configs", "plot_study", "main"]
@@ -236,12 +236,8 @@ def plot_study(data: dict[str, Any], path: Path) -> Path:
     for ax in (acc_ax, cost_ax):
         ax.grid(axis="x", alpha=0.3)
     args = data["arguments"]
-    fig.suptitle(f"One change at a time from the default (dashed): Omniglot 5-way 1-shot, {args['tasks']} tasks, "
-                 f"seeds {', '.join(map(str, args['seeds']))}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"One change at a time from the default (dashed): Omniglot 5-way 1-shot, "
+                                  f"{args['tasks']} tasks, seeds {', '.join(map(str, args['seeds']))}")
 
 
 #: Fields that a run sets for itself (its seed, the length of its schedule, how often it saves):
