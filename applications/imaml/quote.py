@@ -146,7 +146,7 @@ def _compare(data: dict[str, Any]) -> str:
 
 
 def _study(data: dict[str, Any]) -> str:
-    lines = ["| setting | change from the default | s / task | meta-test accuracy (mean of seeds ± mean 95% interval) "
+    lines = ["| setting | change from the study's base | s / task | meta-test accuracy (mean of seeds ± mean 95% interval) "
              "| per seed |", "|---|---|---|---|---|"]
     changes = data.get("changes", {})
     for name, row in data["summary"].items():
@@ -207,8 +207,9 @@ def stale_blocks() -> list[str]:
 def plot_study(data: dict[str, Any], path: Path) -> Path:
     """``study.png``: each setting's meta-test accuracy (seeds as dots, mean with its interval) and cost per task.
 
-    The settings are drawn in the order of the results file; the default's mean is a dashed line, so
-    that a change that helps lies to its right and one that hurts to its left.
+    The settings are drawn in the order of the results file; the base's mean (``study-base``, or
+    ``imaml`` in a study of the default) is a dashed line, so that a change that helps lies to its
+    right and one that hurts to its left.
     """
     import matplotlib
 
@@ -220,12 +221,13 @@ def plot_study(data: dict[str, Any], path: Path) -> Path:
     y = list(range(len(names)))[::-1]
     fig, (acc_ax, cost_ax) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.6), sharey=True,
                                           gridspec_kw={"width_ratios": [3, 1]})
-    base = data["summary"].get("imaml")
+    base_name = "study-base" if "study-base" in data["summary"] else "imaml"
+    base = data["summary"].get(base_name)
     if base is not None:
         acc_ax.axvline(base["accuracy_at_tasks"], color="0.5", ls="--", lw=1)
         cost_ax.axvline(base["seconds_per_task"], color="0.5", ls="--", lw=1)
     for yi, name, row in zip(y, names, rows):
-        color = "C0" if name == "imaml" else "C1"
+        color = "C0" if name == base_name else "C1"
         acc_ax.errorbar(row["accuracy_at_tasks"], yi, xerr=row["ci95_at_tasks"], fmt="o", color=color, capsize=3)
         acc_ax.plot([a for a, _ in row["per_seed_at_tasks"]], [yi] * len(row["per_seed_at_tasks"]), "x",
                     color="0.3", ms=5)
@@ -236,7 +238,7 @@ def plot_study(data: dict[str, Any], path: Path) -> Path:
     for ax in (acc_ax, cost_ax):
         ax.grid(axis="x", alpha=0.3)
     args = data["arguments"]
-    return save_figure(fig, path, f"One change at a time from the default (dashed): Omniglot 5-way 1-shot, "
+    return save_figure(fig, path, f"One change at a time from {base_name} (dashed): Omniglot 5-way 1-shot, "
                                   f"{args['tasks']} tasks, seeds {', '.join(map(str, args['seeds']))}")
 
 
