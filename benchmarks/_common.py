@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bilevel as bl
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import bilevel as bl  # noqa: E402
+from applications.imaml.model import ConvNet  # noqa: E402  (the one conv net of the project)
 
 
 def maxrss_mib() -> float:
@@ -169,40 +174,12 @@ def mlp_task(device: torch.device, *, seed: int = 0, in_dim: int = 64, hidden: i
     return _make_task("mlp", model, x, y, xq, yq, lam)
 
 
-class ConvNet(nn.Module):
-    """``blocks`` x [3x3 conv (``width`` filters) -> batch norm (batch statistics) -> ReLU -> 2x2 max-pool] -> linear.
-
-    Batch norm always normalises with the statistics of the current batch and
-    keeps no running statistics (as in MAML's and iMAML's few-shot nets), so
-    the network is a pure function of its parameters and input.
-    """
-
-    def __init__(self, in_channels: int = 1, width: int = 64, blocks: int = 4, num_classes: int = 20,
-                 image_size: int = 28):
-        super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=1) for i in range(blocks))
-        self.bn_weight = nn.ParameterList(nn.Parameter(torch.ones(width)) for _ in range(blocks))
-        self.bn_bias = nn.ParameterList(nn.Parameter(torch.zeros(width)) for _ in range(blocks))
-        side = image_size
-        for _ in range(blocks):
-            side //= 2
-        self.head = nn.Linear(width * side * side, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, w, b in zip(self.convs, self.bn_weight, self.bn_bias):
-            x = conv(x)
-            x = F.batch_norm(x, None, None, w, b, training=True)
-            x = F.max_pool2d(F.relu(x), 2)
-        return self.head(x.flatten(1))
-
-
 def convnet_task(device: torch.device, *, seed: int = 0, ways: int = 20, shots: int = 5, image_size: int = 28,
                  width: int = 64, lam: float = 2.0) -> Task:
     """The 4-block conv net on random ``ways``-way ``shots``-shot 1x``image_size``^2 images."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ConvNet(1, width, 4, ways, image_size).to(device)
+    model = ConvNet(ways, image_size=image_size, hidden=width).to(device)
     n = ways * shots
     x, xq = (torch.randn(n, 1, image_size, image_size, generator=g).to(device) for _ in range(2))
     y = torch.arange(ways).repeat_interleave(shots).to(device)

@@ -8,9 +8,11 @@
     outer_loss(phi).backward()                         # theta.grad via the implicit function theorem
 """
 
-from . import bounds, linalg, solvers, testing, tree, unrolled
-from ._checks import BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning
-from .implicit import ImplicitInfo, argmin, hypergradient, implicit_vjp
+from . import bounds, linalg, solvers, status, testing, tree, unrolled
+from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
+                     LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
+from .certify import hypergradient
+from .implicit import ImplicitInfo, argmin, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
 from .problem import InnerProblem, PredictionLoss, ProximalProblem
 from .solvers import SolveResult, SolverStatus, register_solver, solve
@@ -34,7 +36,13 @@ __all__ = [
     "ConvergenceWarning",
     "BudgetWarning",
     "BreakdownWarning",
+    "NegativeCurvatureWarning",
+    "NonFiniteWarning",
+    "DivergenceWarning",
+    "LineSearchWarning",
     "ConvergenceError",
+    "Status",
+    "status",
     "bounds",
     "linalg",
     "solvers",

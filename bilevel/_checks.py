@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -11,30 +12,9 @@ from . import tree as _tree
 from ._functorch import in_transform
 
 
-class ConvergenceWarning(UserWarning):
-    """An inner solver or a linear solver stopped before meeting its tolerance.
-
-    The result still comes back (``converged=False`` with a ``status`` that
-    says what to change); call ``result.raise_if_failed()`` to turn the
-    failure into an error, or filter this warning to silence it.
-    """
-
-
-class BudgetWarning(ConvergenceWarning):
-    """A solver used its whole budget (``max_iter``) before meeting its tolerance.
-
-    Often intended (a fixed number of inner steps, 5 CG steps): silence these
-    alone with ``warnings.simplefilter("ignore", bilevel.BudgetWarning)`` and
-    still see the :class:`BreakdownWarning` s.
-    """
-
-
-class BreakdownWarning(ConvergenceWarning):
-    """A solver stopped because something is wrong: negative curvature, divergence, NaN, a failed line search."""
-
-
-class ConvergenceError(RuntimeError):
-    """Raised by ``raise_if_failed()`` on a result that did not converge."""
+# the warnings and the error live with the statuses; imported here for the modules that still look for them
+from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning,  # noqa: F401
+                     DivergenceWarning, LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning)
 
 
 def check_finite_tree(tree: Any, what: str, hint: str = "") -> None:
@@ -125,3 +105,59 @@ def check_structure(spec: _tree.TreeSpec, expected: _tree.TreeSpec, what: str, e
         f"{what} is {spec.describe()} but {expected_name}'s structure expects {expected.describe()}; "
         f"pass {what} with the same keys and shapes as {expected_name}."
     )
+
+
+def check_floating(tree: Any, what: str) -> None:
+    """Raise ``TypeError`` unless every tensor of ``tree`` is real floating point (gradients need it)."""
+    spec = _tree.tree_spec(tree, what)
+    for t, path in zip(_tree.leaves(tree, what), spec.paths):
+        if not t.is_floating_point():
+            where = what if path == "<tensor>" else f"{what} at {path!r}"
+            raise TypeError(f"{where} has dtype {t.dtype}, but gradients need real floating point; convert it, "
+                            f"e.g. with .float() or .double() (torch.tensor([1, 2]) is int64: write [1.0, 2.0]).")
+
+
+def check_like(tree: Any, reference: Any, what: str, reference_name: str) -> None:
+    """Raise when ``tree``'s tensors do not share the dtype and device of ``reference``'s first tensor."""
+    ref = _tree.leaves(reference, reference_name)
+    if not ref:
+        return
+    dtype, device = ref[0].dtype, ref[0].device
+    for t in _tree.leaves(tree, what):
+        if t.dtype != dtype:
+            raise TypeError(f"{what} has dtype {t.dtype} but {reference_name} has {dtype}; pass {what} in "
+                            f"{reference_name}'s dtype, e.g. {what}.to({reference_name}.dtype).")
+        if t.device != device:
+            raise ValueError(f"{what} is on {t.device} but {reference_name} is on {device}; move {what} there, "
+                             f"e.g. {what}.to({reference_name}.device).")
+
+
+def detached_objective_error(what: str) -> ValueError:
+    """The error for an objective whose value carries no gradient with respect to ``phi``."""
+    return ValueError(
+        f"{what} returned a value that carries no gradient with respect to phi: it was detached from phi "
+        f"(.detach(), .item(), .numpy(), torch.no_grad() or a new tensor built from numbers) or does not use phi, "
+        f"so no solver can move phi and no hypergradient exists. Compute it from phi with torch operations (a "
+        f"solver that needs no gradients can be passed as solver=<a callable>, but G itself must be torch code).")
+
+
+def check_real(value: Any, name: str, *, positive: bool = False, at_least: float | None = None,
+          allow_none: bool = False) -> float | None:
+    """A finite real number (``> 0`` / ``>= at_least`` / ``>= 0``), or ``None`` where allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"Invalid {name}: {value}; it must be finite.")
+    if at_least is not None:
+        if v < at_least:
+            raise ValueError(f"Invalid {name}: {value}; it must be >= {at_least:g}.")
+    elif positive and not v > 0:
+        raise ValueError(f"Invalid {name}: {value}; it must be > 0.")
+    elif v < 0:
+        raise ValueError(f"Invalid {name}: {value}; it must be >= 0.")
+    return v

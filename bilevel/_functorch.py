@@ -16,3 +16,38 @@ def in_transform() -> bool:
         return torch._C._functorch.maybe_current_level() is not None
     except AttributeError:  # pragma: no cover - a torch without functorch's C API
         return False
+
+
+#: torch's messages for code that its function transforms and forward-mode AD cannot run, with our advice.
+_TRANSFORM_FAULTS = (
+    ("ZeroTensors are immutable",
+     "forward-mode differentiation (hvp='forward', or any solve inside torch.func.vmap) failed inside the "
+     "objective: some torch functions (F.mse_loss among them) write into the zero tangent of an input that does "
+     "not depend on phi. Write that term with elementwise operations, e.g. ((pred - target) ** 2).mean() for "
+     "F.mse_loss, or use hvp='reverse' outside vmap (a loop over tasks)"),
+    ("must override the setup_context",
+     "the objective calls a custom torch.autograd.Function without a setup_context staticmethod, which "
+     "torch.func transforms (vmap over tasks, hvp='forward', 'gauss_newton') cannot run. Use hvp='reverse' "
+     "outside vmap (a loop over tasks), or give the Function a setup_context "
+     "(https://pytorch.org/docs/stable/notes/extending.func.html)"),
+)
+
+
+class explain_transform_errors:
+    """Context manager: re-raise torch's transform errors (see ``_TRANSFORM_FAULTS``) with what to do instead."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self) -> "explain_transform_errors":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is not None and issubclass(kind, RuntimeError) and not getattr(error, "_bilevel_explained", False):
+            text = str(error)
+            for needle, advice in _TRANSFORM_FAULTS:
+                if needle in text:
+                    new = RuntimeError(f"{self.where}: {advice}. (torch said: {text.splitlines()[0]})")
+                    new._bilevel_explained = True
+                    raise new from error
+        return False

@@ -1,4 +1,10 @@
-r"""Implicit differentiation of ``phi*(theta) = argmin_phi G(phi, theta)``.
+r"""The adjoint: implicit differentiation of ``phi*(theta) = argmin_phi G(phi, theta)``.
+
+Linearise ``G`` at ``phi`` (``bilevel._linearize``), solve the linear system on
+Hessian-vector products, and apply the mixed second derivative as one vector-Jacobian
+product: :func:`implicit_vjp` does it for a given cotangent, :func:`argmin` as an autograd
+operation. The outer objective's hypergradient, certified on request, is built on top of it in
+``bilevel.certify``.
 
 Stationarity, :math:`\nabla_\phi G(\phi^*, \theta) = 0`, gives by the implicit
 function theorem, for an outer objective :math:`F(\theta) = f(\phi^*(\theta), \theta)`,
@@ -15,32 +21,33 @@ iMAML's proximal ``G`` this is the paper's Eq. 6,
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import numbers
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as _pytree
 
 from . import bounds as _bounds
 from . import tree as _tree
-from ._checks import ConvergenceWarning, check_finite_tree, check_scalar
-from ._functorch import in_transform
-from .linalg.base import LinearSolveInfo, LinearSolver, LinearSolveStatus
-from .linalg.base import get as get_linear_solver
+from ._checks import check_finite_tree, check_scalar
+from ._functorch import explain_transform_errors, in_transform
 from ._linearize import check_hvp, linearize
+from .linalg.base import LinearSolveInfo, LinearSolver, LinearSolveStatus
 from .linalg.hvp import DEFAULT_HVP_MODE
-from .problem import InnerProblem, ProximalProblem
-from .solvers.base import Solver, SolveResult
+from .linalg.registry import get as get_linear_solver
+from .problem import InnerProblem
+from .solvers.base import Solver
+from .solvers.result import SolveResult
 from .solvers.base import get as get_solver
 from .solvers.base import solve
 
-__all__ = ["ImplicitInfo", "implicit_vjp", "hypergradient", "argmin"]
+__all__ = ["ImplicitInfo", "implicit_vjp", "argmin"]
 
 logger = logging.getLogger(__name__)
+
+_PHI_HINT = ("the inner solve diverged or returned NaN; lower its step size (or use a line search, step_size=None), "
+             "start closer, or check the solver's result.status")
 
 
 @dataclass
@@ -72,7 +79,7 @@ class ImplicitInfo:
         A :class:`bilevel.bounds.AdaptiveReport` (``hypergradient`` with
         ``target_error=``), else ``None``.
     curvature:
-        The :class:`bilevel.bounds.CurvatureEstimate` behind an estimated
+        The :class:`bilevel.linalg.CurvatureEstimate` behind an estimated
         ``mu`` (``constants.mu=None``), else ``None``.
     """
 
@@ -105,16 +112,17 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
     ``check_residual``: recompute ``||cotangent - H v||`` with one more HVP (for certificates).
     ``x0``: warm start of the linear solve. ``keep``: receives ``v`` under ``"v"``.
     """
-    # inside torch.func transforms (vmap over tasks) "reverse" runs as "forward"
-    lin = linearize(problem, phi_flat, phi_spec, theta_flat, theta_spec, data, hyper, hvp)
-    b = cotangent.detach()
-    v, linfo = linear_solver(lin.hvp, b, x0)
-    true_res = None
-    if check_residual:
-        true_res = torch.linalg.vector_norm(b - lin.hvp(v.detach())).item()
-    mixed = lin.mixed_vjp(v)
-    # values cannot be read back inside a torch.func transform (vmap over tasks)
-    inner_gn = float("nan") if in_transform() else torch.linalg.vector_norm(lin.grad).item()
+    with explain_transform_errors(f"the implicit backward (hvp={hvp!r})"):
+        # inside torch.func transforms (vmap over tasks) "reverse" runs as "forward"
+        lin = linearize(problem, phi_flat, phi_spec, theta_flat, theta_spec, data, hyper, hvp)
+        b = cotangent.detach()
+        v, linfo = linear_solver(lin.hvp, b, x0)
+        true_res = None
+        if check_residual:
+            true_res = torch.linalg.vector_norm(b - lin.hvp(v.detach())).item()
+        mixed = lin.mixed_vjp(v)
+        # values cannot be read back inside a torch.func transform (vmap over tasks)
+        inner_gn = float("nan") if in_transform() else torch.linalg.vector_norm(lin.grad).item()
     lin.release()
     if keep is not None:
         keep["v"] = v.detach()
@@ -123,6 +131,15 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
     logger.debug("implicit solve: %s, %d HVPs, relative residual %.3g", linfo.status.name, lin.count,
                  linfo.relative_residual)
     return -mixed[0], [-m for m in mixed[1:]], info
+
+
+def _measured_curvature(info: ImplicitInfo) -> float | None:
+    """The smallest curvature the linear solve met (CG reports it), or ``None``."""
+    value = info.linear_solve.extra.get("min_curvature")
+    if value is None or isinstance(value, torch.Tensor):
+        return None
+    value = float(value)
+    return None if value == float("inf") else value
 
 
 def _flat_detached(tree: Any, what: str) -> tuple[torch.Tensor, _tree.TreeSpec]:
@@ -180,7 +197,7 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
     """
     problem.validate(theta, data)
     problem.check_phi(phi, theta, "phi")
-    check_finite_tree(phi, "phi", "the inner solve diverged; lower its step size or start closer")
+    check_finite_tree(phi, "phi", _PHI_HINT)
     check_hvp(problem, hvp)
     theta_flat, theta_spec = _flat_detached(theta, "theta")
     phi_flat, phi_spec = _flat_detached(phi, "phi")
@@ -220,407 +237,107 @@ def _outer_grads(outer: Callable[[Any, Any], torch.Tensor], theta: Any, phi: Any
     return _tree.from_leaves(_tree.tree_spec(phi), gp), _tree.from_leaves(_tree.tree_spec(theta), gt), depends_on_theta
 
 
-def _proximal_lam_max(problem: ProximalProblem) -> float:
-    if isinstance(problem.lam, float):
-        return problem.lam
-    return max(float(t.detach().max()) for t in _tree.leaves(problem.lam))
-
-
-def _resolve_cross(problem: InnerProblem, constants: _bounds.Constants, depends_on_theta: bool) -> dict[str, float]:
-    """The constants of the mixed term ``d2G/dtheta dphi`` and of the direct term, for the certificate."""
-    if isinstance(problem, ProximalProblem):
-        lam_max = _proximal_lam_max(problem)
-        if constants.lam is not None and constants.lam < lam_max * (1.0 - 1e-12):
-            raise ValueError(f"constants.lam={constants.lam:g} is below the problem's lam (largest value {lam_max:g}), "
-                             f"which would make the certificate invalid; leave constants.lam=None for a "
-                             f"ProximalProblem (its lam is read from the problem).")
-        cross = lam_max if constants.lam is None else constants.lam
-        cross_lipschitz = 0.0  # d2G/dtheta dphi = -diag(lam), constant in phi
-    else:
-        missing = [n for n in ("cross", "cross_lipschitz") if getattr(constants, n) is None]
-        if missing:
-            raise ValueError(
-                f"a certificate for a general InnerProblem needs constants.{' and constants.'.join(missing)}: "
-                f"a bound on the operator norm of d2G/dtheta dphi at phi (cross) and its Lipschitz constant in "
-                f"phi (cross_lipschitz; 0 when G is bilinear in (phi, theta) plus terms in one of them). For "
-                f"iMAML's G use bl.ProximalProblem, where both are known (lam, 0).")
-        cross, cross_lipschitz = constants.cross, constants.cross_lipschitz
-    direct = 0.0
-    if depends_on_theta:
-        if constants.direct_lipschitz is None:
-            raise ValueError("the outer objective depends on theta directly, so the certificate needs "
-                             "constants.direct_lipschitz: the Lipschitz constant in phi of grad_theta f (0 when f is "
-                             "a sum of a term in phi and a term in theta).")
-        direct = constants.direct_lipschitz
-    return {"cross": cross, "cross_lipschitz": cross_lipschitz, "direct_lipschitz": direct}
-
-
-def _resolve_mu(problem: InnerProblem, theta: Any, phi: Any, data: Any, constants: _bounds.Constants,
-                hvp: str) -> tuple[_bounds.Constants, _bounds.CurvatureEstimate | None, tuple[str, ...]]:
-    """Fill in an estimated ``mu`` (Lanczos at ``phi``, times ``mu_safety``) when ``constants.mu`` is None."""
-    if constants.mu is not None:
-        return constants, None, ()
-    est = _bounds.hessian_extremes(problem, theta, phi, data, hvp=hvp)
-    mu = est.mu(constants.mu_safety)
-    if not mu > 0:
-        raise ValueError(f"constants.mu=None, and the inner Hessian at phi has lambda_min ~ {est.lambda_min:.3g} <= 0 "
-                         f"(Lanczos, {est.hvps} HVPs): G is not strongly convex there, so no certificate exists. "
-                         f"Raise lam, solve the inner problem more accurately, or pass mu if you know it.")
-    logger.debug("estimated mu = %.3g (lambda_min %.3g, kappa %.3g, %d HVPs)", mu, est.lambda_min, est.kappa, est.hvps)
-    return replace(constants, mu=mu), est, ("mu",)
-
-
-def _check_linear_solver_arg(linear_solver: Any) -> None:
-    if not (isinstance(linear_solver, (str, LinearSolver)) or callable(linear_solver)):
-        raise TypeError(f"linear_solver must be a name, a LinearSolver or a callable, got {type(linear_solver).__name__}.")
-
-
-def _with_tol_linear(linear_solver: str | LinearSolver | Callable, tol: float) -> LinearSolver:
-    """A copy of the linear solver with relative tolerance ``tol`` (no warnings: the adaptive mode reports)."""
-    if isinstance(linear_solver, str):
-        try:
-            return get_linear_solver(linear_solver, tol=tol, warn=False, max_iter=_ADAPTIVE_LINEAR_MAX_ITER)
-        except TypeError:
-            return get_linear_solver(linear_solver, tol=tol, warn=False)
-    if isinstance(linear_solver, LinearSolver):
-        out = copy.copy(linear_solver)
-    else:
-        out = get_linear_solver(linear_solver)
-    out.tol = tol
-    out.warn = False
-    return out
-
-
-def _with_tol_solver(solver: str | Solver | Callable | None, tol: float, constants: _bounds.Constants) -> Solver:
-    """A copy of the inner solver that stops at ``||grad_phi G|| <= tol``."""
-    if solver is None:
-        opts: dict[str, Any] = {"tol": tol, "max_iter": _ADAPTIVE_INNER_MAX_ITER}
-        if constants.beta is not None and constants.mu is not None:
-            opts.update(mu=constants.mu, smoothness=constants.beta)
-        return get_solver("agd", **opts)
-    if isinstance(solver, str):
-        try:
-            return get_solver(solver, tol=tol, max_iter=_ADAPTIVE_INNER_MAX_ITER)
-        except TypeError:
-            return get_solver(solver, tol=tol)
-    if isinstance(solver, Solver):
-        out = copy.copy(solver)
-        out.tol = tol
-        return out
-    return get_solver(solver, tol=tol)
-
-
-#: The adaptive mode's limits: rounds of (re-solve, linear solve, certify), and the iteration caps of the
-#: solvers it builds from a name (instances keep their own ``max_iter``).
-_ADAPTIVE_MAX_ROUNDS = 6
-_ADAPTIVE_INNER_MAX_ITER = 10_000
-_ADAPTIVE_LINEAR_MAX_ITER = 1_000
-
-
-def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tensor], theta: Any, phi: Any,
-                  data: Any = None, *, linear_solver: str | LinearSolver = "cg",
-                  hvp: str = DEFAULT_HVP_MODE, constants: _bounds.Constants | None = None,
-                  target_error: float | None = None,
-                  solver: str | Solver | Callable | None = None) -> tuple[Any, ImplicitInfo]:
-    r"""``dF/dtheta`` for ``F(theta) = outer(phi*(theta), theta)``, direct term included.
-
-    Parameters
-    ----------
-    problem:
-        The inner problem.
-    outer:
-        ``outer(phi, theta) -> scalar`` (a closure over the outer data).
-    theta:
-        Outer variables (tensor or tree).
-    phi:
-        An (approximate) minimiser of ``G(., theta)``.
-    data:
-        The inner problem's data.
-    linear_solver, hvp:
-        As in :func:`implicit_vjp`. With ``target_error``, the solver's
-        tolerance is chosen for you (a name is built with ``max_iter=1000``;
-        an instance is copied and keeps its ``max_iter``).
-    constants:
-        A :class:`bilevel.bounds.Constants` (``mu``, ``L``, ``rho``, ...). When
-        given, ``info.certificate`` holds an a-posteriori bound on
-        ``||g - dF/dtheta||`` (:func:`bilevel.bounds.certificate`); it costs one
-        extra Hessian-vector product (the true linear residual), plus the
-        Lanczos steps of an estimated ``mu`` (``constants.mu=None``).
-    target_error:
-        Adaptive mode: a bound ``eps > 0`` on ``||g - dF/dtheta(theta)||`` to
-        certify (needs ``constants``). Half of ``eps`` goes to the inexact
-        ``phi`` and half to the linear solve: ``phi`` is re-solved, starting
-        from the given ``phi``, until ``||grad_phi G|| <= mu * delta`` with
-        ``delta`` small enough for its half, then the linear solver runs to the
-        residual that makes ``delta' <= eps / 2``; this repeats (tightening the
-        part that fell short) until the certificate is ``<= eps``. If it cannot
-        (an inner solver or linear solver that stops early, negative curvature,
-        a target below floating-point precision), a
-        :class:`bilevel.ConvergenceWarning` says why, and ``info.adaptive``
-        (:class:`bilevel.bounds.AdaptiveReport`) has ``met=False`` and the reason.
-    solver:
-        Adaptive mode only: the inner solver for re-solving ``phi`` (a name,
-        instance or callable; its ``tol`` is replaced). Default: ``"agd"``
-        (``max_iter=10000``; with ``mu`` and ``smoothness=constants.beta`` when
-        ``beta`` is known, else backtracking with adaptive restart).
-
-    Returns
-    -------
-    grad, info:
-        A tree like ``theta`` and an :class:`ImplicitInfo`. In adaptive mode,
-        ``grad`` is computed at the re-solved ``phi`` (``info.adaptive.phi``),
-        ``info.iterations`` / ``residual_norm`` describe the last linear solve,
-        ``info.hvps`` counts all Hessian-vector products of the call, and
-        ``info.adaptive`` the inner and linear iterations spent.
-
-    Raises
-    ------
-    ValueError
-        ``target_error`` without ``constants`` or not ``> 0``; ``solver``
-        without ``target_error``; constants the certificate needs but lacks.
-
-    Notes
-    -----
-    The certificate follows the paper's Lemma 3 (see
-    :func:`bilevel.bounds.certificate`): ``delta = ||grad_phi G(phi)|| / mu``
-    bounds ``||phi - phi*||`` and ``delta' = lam ||r|| / mu`` the linear-solve
-    error of ``g = lam v`` (iMAML), with ``r`` the residual of
-    ``(d2G/dphi2) v = grad_phi f``.
-
-    Examples
-    --------
-    >>> import torch, bilevel as bl
-    >>> ref = bl.testing.proximal_quadratic(dim=5, seed=0)
-    >>> phi = bl.solve(ref.problem, ref.theta, ref.data, solver=bl.solvers.get("newton_cg", tol=1e-11)).phi
-    >>> g, info = bl.hypergradient(ref.problem, ref.outer, ref.theta, phi, ref.data)
-    >>> bool(torch.allclose(g, ref.hypergradient(), atol=1e-8))
-    True
-
-    A certificate, and the adaptive mode from a rough ``phi`` (``mu = lam`` is
-    rigorous here: the training loss is convex; ``L`` bounds the test Hessian):
-
-    >>> L = float(torch.linalg.eigvalsh(torch.func.hessian(lambda p: ref.outer(p, ref.theta))(phi))[-1])
-    >>> c = bl.bounds.Constants(mu=5.0, L=L, rho=0.0)
-    >>> g, info = bl.hypergradient(ref.problem, ref.outer, ref.theta, phi, ref.data, constants=c)
-    >>> info.certificate.bound < 1e-8
-    True
-    >>> g, info = bl.hypergradient(ref.problem, ref.outer, ref.theta, ref.theta, ref.data, constants=c,
-    ...                            target_error=1e-6)
-    >>> info.adaptive.met, info.certificate.bound <= 1e-6
-    (True, True)
-    >>> float((g - ref.hypergradient()).norm()) <= 1e-6
-    True
-    """
-    problem.validate(theta, data)
-    problem.check_phi(phi, theta, "phi")
-    if constants is not None and not isinstance(constants, _bounds.Constants):
-        raise TypeError(f"constants must be a bilevel.bounds.Constants (or None), got {type(constants).__name__}.")
-    if (constants is not None or target_error is not None) and in_transform():
-        raise RuntimeError("certificates and target_error read values back, which torch.func.vmap (or another "
-                           "torch.func transform) cannot do; compute them per task outside the transform.")
-    if target_error is not None:
-        if isinstance(target_error, bool) or not isinstance(target_error, numbers.Real) or \
-                not (math.isfinite(target_error) and target_error > 0):
-            raise ValueError(f"Invalid target_error: {target_error!r}; it must be a finite number > 0 (a bound on "
-                             f"||g - dF/dtheta||).")
-        if constants is None:
-            raise ValueError("target_error needs constants=bl.bounds.Constants(mu=..., L=..., rho=...): the "
-                             "certificate that decides when to stop is built from them.")
-        _check_linear_solver_arg(linear_solver)
-        check_hvp(problem, hvp)
-        return _adaptive(problem, outer, theta, phi, data, linear_solver, hvp, constants, float(target_error),
-                         solver)
-    if solver is not None:
-        raise ValueError("solver is used only in the adaptive mode (to re-solve phi); pass target_error=... too, "
-                         "or drop solver.")
-    cot, direct, depends_on_theta = _outer_grads(outer, theta, phi)
-    if constants is None:
-        vjp, info = implicit_vjp(problem, theta, phi, data, cot, linear_solver=linear_solver, hvp=hvp)
-        return _tree.map(torch.add, direct, vjp), info
-    check_finite_tree(phi, "phi", "the inner solve diverged; lower its step size or start closer")
-    check_finite_tree(cot, "the outer gradient", "the outer loss gradient overflowed; check the outer loss")
-    check_hvp(problem, hvp)
-    cross = _resolve_cross(problem, constants, depends_on_theta)
-    constants, curvature, estimated = _resolve_mu(problem, theta, phi, data, constants, hvp)
-    theta_flat, theta_spec = _flat_detached(theta, "theta")
-    phi_flat, phi_spec = _flat_detached(phi, "phi")
-    cot_flat, _ = _flat_detached(cot, "cotangent")
-    vjp, _, info = _core(problem, theta_flat, theta_spec, phi_flat, phi_spec, data, cot_flat,
-                         get_linear_solver(linear_solver), hvp, [], check_residual=True)
-    info.certificate = _bounds.certificate(
-        constants, inner_grad_norm=info.inner_grad_norm, residual_norm=info.true_residual_norm,
-        outer_grad_norm=torch.linalg.vector_norm(cot_flat).item(), estimated=estimated, **cross)
-    info.curvature = curvature
-    if curvature is not None:
-        info.hvps += curvature.hvps
-    return _tree.map(torch.add, direct, _tree.unflatten(vjp, theta_spec)), info
-
-
-def _adaptive(problem: InnerProblem, outer: Callable, theta: Any, phi: Any, data: Any,
-              linear_solver: str | LinearSolver | Callable, hvp: str, constants: _bounds.Constants, eps: float,
-              solver: str | Solver | Callable | None) -> tuple[Any, ImplicitInfo]:
-    """``hypergradient(..., target_error=eps)``: re-solve and solve until the certificate is ``<= eps``."""
-    from .solvers.base import prepare
-
-    check_finite_tree(phi, "phi", "the inner solve diverged; lower its step size or start closer")
-    theta_flat, theta_spec = _flat_detached(theta, "theta")
-    phi_cur = _tree.map(lambda t: t.detach(), phi)
-    cot, direct, depends_on_theta = _outer_grads(outer, theta, phi_cur)
-    cross = _resolve_cross(problem, constants, depends_on_theta)
-    constants, curvature, estimated = _resolve_mu(problem, theta, phi_cur, data, constants, hvp)
-    mu, L, rho = constants.mu, constants.L, constants.rho
-    fun, x = prepare(problem, theta, data, phi_cur)
-    inner_gn = torch.linalg.vector_norm(fun.grad(x)).item()
-    share_phi = share_lin = 0.5 * eps
-    phi_scale = lin_scale = 1.0
-    hvps = curvature.hvps if curvature is not None else 0
-    inner_its = cg_its = 0
-    history: list[dict] = []
-    failure: str | None = None
-    met = False
-    v_prev: torch.Tensor | None = None
-    prev_bound = math.inf
-    inner_tol = lin_tol = math.nan
-    vjp = info = cert = None
-    for rnd in range(1, _ADAPTIVE_MAX_ROUNDS + 1):
-        # -- the inner solve: ||grad G|| <= mu * delta, with coefficient * delta <= its share -------------------
-        gf = _tree.norm(cot).item()
-        delta_now = inner_gn / mu
-        b_est = gf + L * delta_now if constants.B is None else min(constants.B, gf + L * delta_now)
-        coef = (cross["cross"] * (2.0 * rho * b_est / mu ** 2 + L / mu) + cross["cross_lipschitz"] * b_est / mu
-                + cross["direct_lipschitz"])
-        delta_req = share_phi * phi_scale / coef if coef > 0 else math.inf
-        if rho > 0:
-            delta_req = min(delta_req, 0.25 * mu / rho)  # half of Lemma 3's mu / (2 rho)
-        inner_tol = mu * delta_req
-        solved = 0
-        if inner_gn > inner_tol:
-            s = _with_tol_solver(solver, inner_tol, constants)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                res = solve(problem, theta, data, solver=s, phi0=phi_cur)
-            solved = res.iterations
-            inner_its += res.iterations
-            phi_cur = res.phi
-            if not res.converged:
-                failure = (f"the inner solver {res.solver!r} stopped after {res.iterations} iterations at "
-                           f"||grad_phi G|| = {res.grad_norm:.3g}, above the {inner_tol:.3g} the target needs "
-                           f"({res.status.name}: {res.message})")
-                eps_dtype = torch.finfo(theta_flat.dtype).eps
-                if inner_tol < 1e3 * eps_dtype * (1.0 + gf):
-                    failure += (f"; a tolerance this close to {theta_flat.dtype}'s precision ({eps_dtype:.1e} times "
-                                f"the gradient scale) may be out of reach: loosen target_error or use float64")
-            cot, direct, _ = _outer_grads(outer, theta, phi_cur)
-            check_finite_tree(phi_cur, "the re-solved phi", "the inner solver diverged; pass a stabler solver=")
-        # -- the linear solve: cross * ||r|| / mu <= its share --------------------------------------------------
-        cot_flat, _ = _flat_detached(cot, "cotangent")
-        gf = torch.linalg.vector_norm(cot_flat).item()
-        r_req = share_lin * lin_scale * mu / cross["cross"] if cross["cross"] > 0 else math.inf
-        # a relative tolerance >= 1 accepts v = 0 (no iteration); 2, not 1, so that rounding cannot refuse it
-        lin_tol = min(2.0, r_req / gf) if gf > 0 else 2.0
-        phi_flat, phi_spec = _flat_detached(phi_cur, "phi")
-        keep: dict = {}
-        vjp, _, info = _core(problem, theta_flat, theta_spec, phi_flat, phi_spec, data, cot_flat,
-                             _with_tol_linear(linear_solver, lin_tol), hvp, [], check_residual=True, x0=v_prev,
-                             keep=keep)
-        v_prev = keep["v"]
-        hvps += info.hvps
-        cg_its += info.iterations
-        inner_gn = info.inner_grad_norm
-        cert = _bounds.certificate(constants, inner_grad_norm=inner_gn, residual_norm=info.true_residual_norm,
-                                   outer_grad_norm=gf, estimated=estimated, **cross)
-        history.append({"round": rnd, "inner_tol": inner_tol, "inner_iterations": solved, "inner_grad_norm": inner_gn,
-                        "linear_tol": lin_tol, "cg_iterations": info.iterations,
-                        "residual_norm": info.true_residual_norm, "phi_term": cert.phi_term,
-                        "delta_prime": cert.delta_prime, "bound": cert.bound})
-        logger.debug("adaptive round %d: bound %.3g (phi term %.3g, linear %.3g), target %.3g", rnd, cert.bound,
-                     cert.phi_term, cert.delta_prime, eps)
-        if cert.valid and cert.bound <= eps:
-            met = True
-            break
-        if failure is not None:
-            break
-        if info.status in (LinearSolveStatus.NEGATIVE_CURVATURE, LinearSolveStatus.NONFINITE,
-                           LinearSolveStatus.DIVERGED):
-            failure = f"the linear solve stopped with {info.status.name}: {info.message}"
-            break
-        if info.status is LinearSolveStatus.MAX_ITER and cert.delta_prime > share_lin:
-            failure = (f"the linear solver stopped at max_iter after {info.iterations} iterations with residual "
-                       f"{info.true_residual_norm:.3g} (the target needs {r_req:.3g}); raise its max_iter")
-            break
-        if cert.valid and cert.bound >= 0.9 * prev_bound:
-            failure = (f"the certificate stalled at {cert.bound:.3g} (phi term {cert.phi_term:.3g}, linear term "
-                       f"{cert.delta_prime:.3g}): the target is below what this dtype's precision allows here "
-                       f"(||grad_phi G|| = {inner_gn:.3g}, residual {info.true_residual_norm:.3g})")
-            break
-        prev_bound = cert.bound if cert.valid else prev_bound
-        if not cert.valid or cert.phi_term > share_phi:
-            phi_scale *= 0.1 if not cert.valid else 0.5 * share_phi / cert.phi_term
-        if cert.delta_prime > share_lin:
-            lin_scale *= 0.5 * share_lin / cert.delta_prime
-    else:
-        failure = f"the certificate did not fall below the target in {_ADAPTIVE_MAX_ROUNDS} rounds"
-    if met:
-        msg = (f"certified ||g - dF/dtheta|| <= {cert.bound:.3g} <= {eps:.3g} in {len(history)} round(s): "
-               f"{inner_its} inner and {cg_its} linear-solver iterations")
-    else:
-        msg = (f"could not certify target_error={eps:.3g}: the certificate is {cert.bound:.3g}; {failure}.")
-        warnings.warn(f"hypergradient: {msg}", ConvergenceWarning, stacklevel=3)
-    info.certificate = cert
-    info.curvature = curvature
-    info.hvps = hvps
-    info.adaptive = _bounds.AdaptiveReport(
-        target=eps, met=met, bound=cert.bound, rounds=len(history), inner_iterations=inner_its, cg_iterations=cg_its,
-        hvps=hvps, inner_tol=inner_tol, linear_tol=lin_tol, phi=phi_cur, message=msg, history=history)
-    return _tree.map(torch.add, direct, _tree.unflatten(vjp, theta_spec)), info
-
-
 @dataclass
 class _ArgminConfig:
+    """What :class:`_Argmin` needs besides its tensor inputs (theta's leaves, ``hyper``, data's and phi0's tensors)."""
+
     problem: InnerProblem
-    data: Any
     solver: Solver
     linear_solver: LinearSolver
     hvp: str
     theta_spec: _tree.TreeSpec
-    phi0: Any
+    phi_spec: _tree.TreeSpec
     n_hyper: int
-    result: SolveResult | None = None
+    data_leaves: list  # data flattened by torch's pytree (the tensors that are inputs of the Function: None)
+    data_tensors: list[int]  # positions of those tensors among data_leaves (only inside torch.func transforms)
+    data_spec: Any
+    n_phi0: int  # phi0's leaves among the inputs (inside torch.func transforms); 0: see phi0
+    phi0: Any = None  # outside transforms, phi0 itself (or None: the problem's default)
+    result: SolveResult | list[SolveResult] | None = None
     backward_info: ImplicitInfo | None = None
+
+    def split(self, inputs: tuple) -> tuple[list, list, Any, Any]:
+        """``(theta leaves, hyper, data, phi0)`` from the Function's tensor inputs."""
+        n_theta = self.theta_spec.num_leaves
+        theta = list(inputs[:n_theta])
+        hyper = list(inputs[n_theta: n_theta + self.n_hyper])
+        rest = inputs[n_theta + self.n_hyper:]
+        leaves = list(self.data_leaves)
+        for pos, t in zip(self.data_tensors, rest[: len(self.data_tensors)]):
+            leaves[pos] = t
+        data = _pytree.tree_unflatten(leaves, self.data_spec)
+        phi0_leaves = rest[len(self.data_tensors):]
+        phi0 = _tree.from_leaves(self.phi_spec, [t.detach() for t in phi0_leaves]) if self.n_phi0 else self.phi0
+        return theta, hyper, data, phi0
+
+
+def _argmin_backward(ctx, *grad_phi: torch.Tensor):
+    """The implicit backward of :class:`_Argmin`: the adjoint at the saved ``phi``."""
+    cfg: _ArgminConfig = ctx.cfg
+    saved = ctx.saved_tensors
+    n_in = len(saved) - cfg.phi_spec.num_leaves
+    theta_leaves, hyper, data, _ = cfg.split(saved[:n_in])
+    phi_leaves = saved[n_in:]
+    cot_leaves = [torch.zeros_like(p) if g is None else g for p, g in zip(phi_leaves, grad_phi)]
+    theta_flat = torch.cat([t.detach().reshape(-1) for t in theta_leaves])
+    phi_flat = torch.cat([p.detach().reshape(-1) for p in phi_leaves])
+    cot_flat = torch.cat([c.detach().reshape(-1) for c in cot_leaves])
+    # as bl.hypergradient does: a non-finite input never becomes a finite (zero) gradient
+    check_finite_tree(phi_flat, "phi (argmin's inner solution)", _PHI_HINT)
+    check_finite_tree(cot_flat, "the gradient reaching argmin's phi from the outer loss",
+                      "the outer loss (or what follows argmin) is not finite; check it, e.g. with "
+                      "torch.autograd.set_detect_anomaly(True)")
+    vjp, hyper_grads, info = _core(cfg.problem, theta_flat, cfg.theta_spec, phi_flat, cfg.phi_spec, data,
+                                   cot_flat, cfg.linear_solver, cfg.hvp, [h.detach() for h in hyper])
+    cfg.backward_info = info
+    if isinstance(cfg.result, SolveResult):
+        cfg.result.backward = info
+    theta_grads = [g.view_as(t) for g, t in zip(torch.split(vjp, list(cfg.theta_spec.numels)), theta_leaves)]
+    return (None, *theta_grads, *hyper_grads, *([None] * (n_in - len(theta_leaves) - len(hyper))))
+
+
+_argmin_backward_once = torch.autograd.function.once_differentiable(_argmin_backward)
 
 
 class _Argmin(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cfg: _ArgminConfig, *inputs: torch.Tensor):
-        n_theta = cfg.theta_spec.num_leaves
-        theta = _tree.from_leaves(cfg.theta_spec, [t.detach() for t in inputs[:n_theta]])
-        result = solve(cfg.problem, theta, cfg.data, solver=cfg.solver, phi0=cfg.phi0)
-        cfg.result = result
-        phi_leaves = [t.detach().clone() for t in _tree.leaves(result.phi)]
-        ctx.cfg = cfg
-        ctx.phi_spec = _tree.tree_spec(result.phi)
-        ctx.save_for_backward(*inputs, *phi_leaves)
-        return tuple(phi_leaves)
+    """``phi*(theta)`` as an autograd operation: the solver forward, the implicit function theorem backward.
+
+    It composes with ``torch.func``: under :func:`torch.func.vmap` its rule solves and differentiates each
+    task in turn (any solver, exactly the per-task loop); under :func:`torch.func.grad` the backward runs
+    the adjoint with ``torch.func`` derivatives.
+    """
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def forward(cfg: _ArgminConfig, *inputs: torch.Tensor):
+        theta_leaves, _, data, phi0 = cfg.split(inputs)
+        theta = _tree.from_leaves(cfg.theta_spec, [t.detach() for t in theta_leaves])
+        result = solve(cfg.problem, theta, data, solver=cfg.solver, phi0=phi0)
+        cfg.result = result
+        return tuple(t.detach().clone() for t in _tree.leaves(result.phi))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cfg = inputs[0]
+        ctx.cfg = cfg
+        ctx.save_for_backward(*inputs[1:], *output)
+
+    @staticmethod
     def backward(ctx, *grad_phi: torch.Tensor):
-        cfg: _ArgminConfig = ctx.cfg
-        saved = ctx.saved_tensors
-        n_theta = cfg.theta_spec.num_leaves
-        theta_leaves = saved[:n_theta]
-        hyper = list(saved[n_theta: n_theta + cfg.n_hyper])
-        phi_leaves = saved[n_theta + cfg.n_hyper:]
-        cot_leaves = [torch.zeros_like(p) if g is None else g for p, g in zip(phi_leaves, grad_phi)]
-        theta_flat = torch.cat([t.detach().reshape(-1) for t in theta_leaves])
-        phi_flat = torch.cat([p.reshape(-1) for p in phi_leaves])
-        cot_flat = torch.cat([c.reshape(-1) for c in cot_leaves])
-        vjp, hyper_grads, info = _core(cfg.problem, theta_flat, cfg.theta_spec, phi_flat, ctx.phi_spec, cfg.data,
-                                       cot_flat, cfg.linear_solver, cfg.hvp, hyper)
-        cfg.backward_info = info
-        cfg.result.backward = info
-        theta_grads = [g.view_as(t) for g, t in zip(torch.split(vjp, list(cfg.theta_spec.numels)), theta_leaves)]
-        return (None, *theta_grads, *hyper_grads)
+        # first-order only: plain autograd gets once_differentiable's error if differentiated again
+        return (_argmin_backward if in_transform() else _argmin_backward_once)(ctx, *grad_phi)
+
+    @staticmethod
+    def vmap(info, in_dims, cfg: _ArgminConfig, *inputs: torch.Tensor):
+        # one task at a time: each solve and each backward is exactly the unbatched one
+        outputs, results = [], []
+        for b in range(info.batch_size):
+            task = replace(cfg, result=None, backward_info=None)
+            outputs.append(_Argmin.apply(task, *[x if d is None else x.select(d, b)
+                                                 for x, d in zip(inputs, in_dims[1:])]))
+            results.append(task.result)
+        cfg.result = results
+        stacked = tuple(torch.stack(column) for column in zip(*outputs))
+        return stacked, (0,) * len(stacked)
 
 
 def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | Solver | Callable = "gd",
@@ -655,7 +372,8 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
         :mod:`bilevel.linalg.hvp`): positive semi-definite, so no negative curvature, less than half the
         memory of the exact modes, exact when the predictor is linear in ``phi``.
     full_output:
-        Also return the :class:`bilevel.SolveResult` of the forward solve.
+        Also return the :class:`bilevel.SolveResult` of the forward solve (under
+        :func:`torch.func.vmap`: a list of them, one per task).
 
     Returns
     -------
@@ -667,6 +385,11 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
     The backward pass is first-order only (``phi`` cannot be differentiated
     twice with respect to ``theta``). Memory does not grow with the solver's
     iterations: only the final point is differentiated.
+
+    ``argmin`` composes with ``torch.func``: ``torch.func.vmap`` over tasks solves and
+    differentiates each task in turn, with any solver, exactly as a Python loop would (the tensors
+    of ``data`` and ``phi0`` may be batched when they sit in dicts, lists or tuples); and
+    ``torch.func.grad`` of a function of ``argmin``'s ``phi`` is the implicit hypergradient.
 
     Examples
     --------
@@ -682,10 +405,23 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
     linear_obj = get_linear_solver(linear_solver)
     check_hvp(problem, hvp)
     theta_spec = _tree.tree_spec(theta, "theta")
+    phi_spec = _tree.tree_spec(problem.default_phi0(theta) if phi0 is None else phi0, "phi0")
     hyper = problem.hyperparameters() if isinstance(problem, InnerProblem) else []
-    cfg = _ArgminConfig(problem, data, solver_obj, linear_obj, hvp, theta_spec, phi0, len(hyper))
-    out = _Argmin.apply(cfg, *_tree.leaves(theta), *hyper)
-    phi = _tree.from_leaves(_tree.tree_spec(cfg.result.phi), list(out))
+    data_leaves, data_spec = _pytree.tree_flatten(data)
+    phi0_leaves = [] if phi0 is None else _tree.leaves(phi0, "phi0")
+    positions: list[int] = []
+    if in_transform():  # data and phi0 may be batched (vmap over tasks): they become inputs of the Function
+        positions = [i for i, leaf in enumerate(data_leaves) if isinstance(leaf, torch.Tensor)]
+    data_tensors = [data_leaves[i] for i in positions]
+    for i in positions:
+        data_leaves[i] = None
+    cfg = _ArgminConfig(problem, solver_obj, linear_obj, hvp, theta_spec, phi_spec, len(hyper), data_leaves,
+                        positions, data_spec, len(phi0_leaves) if in_transform() else 0,
+                        None if in_transform() else phi0)
+    if not in_transform():
+        phi0_leaves = []
+    out = _Argmin.apply(cfg, *_tree.leaves(theta), *hyper, *data_tensors, *phi0_leaves)
+    phi = _tree.from_leaves(phi_spec, list(out))
     if full_output:
         return phi, cfg.result
     return phi

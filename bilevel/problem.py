@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import tree as _tree
-from ._checks import check_finite_tree, check_scalar, check_structure
+from ._checks import (check_finite_tree, check_floating, check_like, check_scalar, check_structure,
+                      detached_objective_error)
 from ._functorch import in_transform
 
 __all__ = ["InnerProblem", "ProximalProblem", "PredictionLoss"]
@@ -92,6 +93,7 @@ class InnerProblem:
 
     def validate(self, theta: Any, data: Any) -> None:
         """Check ``theta`` and ``data`` (and the problem's own constants) before a solve."""
+        check_floating(theta, "theta")
         check_finite_tree(theta, "theta", "the outer iterate diverged or was initialised badly; "
                                           "lower the outer learning rate or check the initialisation")
         check_finite_tree(data, "data", "clean the data (drop or impute NaN/inf entries)")
@@ -101,8 +103,10 @@ class InnerProblem:
         return _tree.map(lambda t: t.detach(), theta)
 
     def check_phi(self, phi: Any, theta: Any, what: str = "phi0") -> None:
-        """Check that ``phi`` has a structure the problem accepts (any, for a general ``G``)."""
+        """Check that ``phi`` has a structure the problem accepts (any, for a general ``G``), and theta's dtype and device."""
         _tree.tree_spec(phi, what)
+        check_floating(phi, what)
+        check_like(phi, theta, what, "theta")
 
     def __repr__(self) -> str:
         return f"InnerProblem(objective={self.name})"
@@ -195,6 +199,9 @@ class ProximalProblem(InnerProblem):
 
     def value(self, phi: Any, theta: Any, data: Any, hyper: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         loss = check_scalar(self.loss(phi, data), f"the loss {self.name!r}")
+        if not loss.requires_grad and torch.is_grad_enabled() and not in_transform() and \
+                any(t.requires_grad for t in _tree.leaves(phi)):
+            raise detached_objective_error(f"the loss {self.name!r}")
         return loss + self.proximal_term(phi, theta, hyper)
 
     def proximal_term(self, phi: Any, theta: Any, hyper: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -258,6 +265,8 @@ class ProximalProblem(InnerProblem):
 
     def check_phi(self, phi: Any, theta: Any, what: str = "phi0") -> None:
         check_structure(_tree.tree_spec(phi, what), _tree.tree_spec(theta, "theta"), what, "theta")
+        check_floating(phi, what)
+        check_like(phi, theta, what, "theta")
 
     def __repr__(self) -> str:
         lam = self.lam if isinstance(self.lam, float) else f"<{_tree.describe(self.lam)}>"

@@ -1,8 +1,9 @@
 """Arithmetic on parameter trees.
 
 A *parameter tree* is a :class:`torch.Tensor`, or a ``dict`` / ``list`` /
-``tuple`` whose leaves are tensors (nesting allowed). ``dict(model.named_parameters())``
-is a parameter tree as it is.
+``tuple`` whose leaves are tensors (nesting allowed). A :class:`torch.nn.Module`
+stands for ``dict(module.named_parameters())``: it is accepted wherever a tree is,
+and what is built back from it (a solution ``phi``, a gradient) is that dict.
 
 The engine works on flat 1-D vectors: :func:`flatten` turns a tree into one
 vector plus a :class:`TreeSpec`, and :func:`unflatten` turns a vector back into
@@ -35,8 +36,8 @@ __all__ = [
     "same_structure",
 ]
 
-#: A parameter tree: a tensor, or a dict / list / tuple of (nested) tensors.
-Tree = Union[torch.Tensor, dict, list, tuple]
+#: A parameter tree: a tensor, or a dict / list / tuple of (nested) tensors (or a module: its named parameters).
+Tree = Union[torch.Tensor, dict, list, tuple, torch.nn.Module]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class TreeSpec:
 
 
 def _walk(tree: Any, path: str, out_leaves: list, out_paths: list, what: str) -> Any:
+    if isinstance(tree, torch.nn.Module):  # a module stands for the dict of its named parameters
+        tree = dict(tree.named_parameters())
     if isinstance(tree, torch.Tensor):
         out_leaves.append(tree)
         out_paths.append(path or "<tensor>")

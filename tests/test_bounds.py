@@ -500,8 +500,10 @@ def test_adaptive_mode_says_why_it_failed(f1):
 def test_adaptive_mode_argument_errors(f1):
     ref, constants = f1
     args = (ref.problem, ref.outer, ref.theta, ref.theta, ref.data)
-    with pytest.raises(ValueError, match="target_error needs constants="):
-        bl.hypergradient(*args, target_error=1e-3)
+    general = bl.InnerProblem(lambda phi, theta, d: 0.5 * ((phi - theta) ** 2).sum())
+    with pytest.raises(ValueError, match="target_error without constants can estimate the constants only for a "
+                                         "ProximalProblem"):
+        bl.hypergradient(general, lambda p, t: p.sum(), ref.theta, ref.theta, None, target_error=1e-3)
     with pytest.raises(ValueError, match="Invalid target_error: 0"):
         bl.hypergradient(*args, constants=constants, target_error=0)
     with pytest.raises(ValueError, match="Invalid target_error: nan"):

@@ -261,7 +261,7 @@ class MetaLearner:
                     phi = self._differentiable_phi(theta, xs, ys, log_lam)
                     logits = self.logits(phi, xq)
                     (F.cross_entropy(logits, yq) / n).backward()
-            stats["negative_curvature"] += sum("p^T A p <= 0" in str(w.message) for w in caught)
+            stats["negative_curvature"] += sum(isinstance(w.message, bl.NegativeCurvatureWarning) for w in caught)
             with torch.no_grad():
                 stats["query_loss"] += float(F.cross_entropy(logits, yq)) / n
                 stats["query_accuracy"] += float((logits.argmax(-1) == yq).float().mean()) / n

@@ -4,7 +4,7 @@ Early in meta-training ``phi`` after a few inner steps is far from a minimiser
 of ``G = CE + lam/2 ||phi - theta||^2``, and ``d2G/dphi2`` can have negative
 eigenvalues. A CG that ignores this divides by a tiny or negative curvature
 and returns a huge meta-gradient. :class:`bilevel.linalg.CG` stops at the first
-direction with ``p^T A p <= 0`` and returns its last iterate (truncation);
+direction with ``p^T A p <= 0`` (a :class:`bilevel.NegativeCurvatureWarning`) and returns its last iterate (truncation);
 damping (``(H + d I) v = g``) is the other remedy. This script compares, per
 number of inner steps K, the meta-gradient norm of
 
@@ -63,7 +63,7 @@ def meta_gradient_norm(learner: MetaLearner, theta, xs, ys, xq, yq, linear_solve
         g, info = bl.hypergradient(problem, lambda p, t: F.cross_entropy(learner.logits(p, xq), yq),
                                    theta, phi, (xs, ys), linear_solver=linear_solver)
     negative = info.status is bl.LinearSolveStatus.NEGATIVE_CURVATURE or any(
-        "p^T A p <= 0" in str(w.message) for w in caught)
+        isinstance(w.message, bl.NegativeCurvatureWarning) for w in caught)
     return float(bl.tree.norm(g)), negative
 
 

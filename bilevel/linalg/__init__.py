@@ -4,9 +4,10 @@ Every linear solver is called as ``solver(matvec, b, x0=None) -> (x, info)``
 with ``info`` a :class:`LinearSolveInfo`. Build one with :func:`get`.
 """
 
-from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec, available, get, register
+from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
+from .registry import available, get, register
 from .cg import CG, cg
-from .eig import power_iteration
+from .eig import CurvatureEstimate, lanczos, power_iteration
 from .hvp import DEFAULT_HVP_MODE, EXACT_HVP_MODES, GAUSS_NEWTON_MODES, HVP_MODES, Linearization, hvp
 from .neumann import Neumann, neumann
 
@@ -23,6 +24,8 @@ __all__ = [
     "Neumann",
     "neumann",
     "power_iteration",
+    "lanczos",
+    "CurvatureEstimate",
     "hvp",
     "Linearization",
     "HVP_MODES",

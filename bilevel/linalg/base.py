@@ -1,26 +1,26 @@
-"""Linear-solver protocol, results and registry."""
+"""Linear-solver protocol and results (the registry is in :mod:`bilevel.linalg.registry`)."""
 
 from __future__ import annotations
 
-import enum
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .._checks import BreakdownWarning, BudgetWarning, ConvergenceError, check_nonneg_float, check_positive_int
+from .._checks import check_nonneg_float, check_positive_int
 from .._functorch import in_transform
 from .._registry import Registry
+from ..status import ConvergenceError, Status
 
-__all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec", "register", "get", "available"]
+__all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec"]
 
 #: A matrix-vector product ``v -> A v`` on 1-D tensors.
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
-class LinearSolveStatus(enum.Enum):
-    """Why a linear solve stopped. Each value is advice for the user."""
+class LinearSolveStatus(Status):
+    """Why a linear solve stopped. Each value is advice for the user (see :class:`bilevel.Status`)."""
 
     CONVERGED = "The relative residual ||b - A x|| / ||b|| reached tol."
     MAX_ITER = (
@@ -46,11 +46,6 @@ class LinearSolveStatus(enum.Enum):
         "A non-finite value (NaN or inf) appeared in the matrix-vector products; check the inner "
         "problem at phi (a diverged inner solve or an overflow)."
     )
-
-    @property
-    def success(self) -> bool:
-        """True only for :attr:`CONVERGED`."""
-        return self is LinearSolveStatus.CONVERGED
 
 
 @dataclass
@@ -174,16 +169,13 @@ class LinearSolver:
             return x, LinearSolveInfo(self.max_iter, nan, nan, False, status, self.max_iter, self.name, flags)
         x, info = self._solve(matvec, b, x0)
         info.solver = self.name
-        if not info.converged:
-            forced = info.status in (LinearSolveStatus.NEGATIVE_CURVATURE, LinearSolveStatus.DIVERGED,
-                                     LinearSolveStatus.NONFINITE)
+        if not info.converged and info.status.warning is not None:
+            forced = info.status.breakdown
             if forced or (self.warn and self.tol > 0):  # tol=0 asks for exactly max_iter iterations
-                warnings.warn(
+                warnings.warn(info.status.warning(
                     f"{self.name} did not converge after {info.iterations} iterations "
                     f"(relative residual {info.relative_residual:.3g}, tol {self.tol:g}): {info.message}",
-                    BreakdownWarning if forced else BudgetWarning,
-                    stacklevel=3,
-                )
+                    status=info.status, info=info), stacklevel=3)
         return x, info
 
     def _options(self) -> dict[str, Any]:
@@ -197,71 +189,5 @@ class LinearSolver:
         return f"{type(self).__name__}({opts})"
 
 
+#: The registry of linear solvers by name (used through :mod:`bilevel.linalg.registry`).
 _REGISTRY = Registry("linear solver", LinearSolver)
-
-
-def register(name: str):
-    """Class decorator: register a :class:`LinearSolver` subclass under ``name``.
-
-    Examples
-    --------
-    >>> import bilevel as bl
-    >>> @bl.linalg.register("my_cg")
-    ... class MyCG(bl.linalg.CG):
-    ...     pass
-    >>> "my_cg" in bl.linalg.available()
-    True
-    """
-    return _REGISTRY.register(name)
-
-
-def available() -> list[str]:
-    """Names of the registered linear solvers.
-
-    Examples
-    --------
-    >>> import bilevel as bl
-    >>> {"cg", "neumann"} <= set(bl.linalg.available())
-    True
-    """
-    return _REGISTRY.available()
-
-
-def get(name: str | LinearSolver | Callable = "cg", /, **options: Any) -> LinearSolver:
-    """Build a linear solver by name, or pass an instance through.
-
-    Parameters
-    ----------
-    name:
-        A registered name (see :func:`available`), a :class:`LinearSolver`
-        instance (returned as is; ``options`` must then be empty), or a
-        callable ``(matvec, b) -> x`` or ``-> (x, info)``.
-    **options:
-        Constructor options of that solver (``max_iter``, ``tol``, ...).
-
-    Raises
-    ------
-    ValueError
-        Unknown name; the message lists the available ones.
-    TypeError
-        Unknown option; the message lists the valid ones.
-
-    Examples
-    --------
-    >>> import bilevel as bl
-    >>> bl.linalg.get("cg", max_iter=5)
-    CG(max_iter=5, tol=1e-10, warn=True)
-    """
-    if isinstance(name, LinearSolver):
-        if options:
-            raise TypeError(f"options {sorted(options)} cannot be applied to an existing {name!r}; "
-                            f"construct it with them instead.")
-        return name
-    if isinstance(name, str):
-        return _REGISTRY.build(name, options)
-    if callable(name):
-        from .callable import CallableLinearSolver
-
-        return CallableLinearSolver(name, **options)
-    raise TypeError(f"linear_solver must be a name ({', '.join(available())}), a LinearSolver or a "
-                    f"callable (matvec, b) -> x, got {type(name).__name__}.")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec, register
+from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
+from .registry import register
 
 __all__ = ["CG", "cg"]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonneg_float, check_positive_int
-from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec, register
+from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
+from .registry import register
 from .eig import power_iteration
 
 __all__ = ["Neumann", "neumann"]

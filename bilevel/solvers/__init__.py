@@ -5,8 +5,10 @@ them with :func:`available`, add one with :func:`register_solver`. Any
 callable ``(problem, theta, data, phi0) -> phi`` also works as a solver.
 """
 
-from .base import (CallableSolver, IterativeSolver, Objective, SolveResult, Solver, SolverState, SolverStatus,
-                   available, get, register_solver, solve)
+from .base import CallableSolver, Solver, available, get, register_solver, solve
+from .driver import IterativeSolver, SolverState
+from .objective import Objective
+from .result import SolveResult, SolverStatus
 from .agd import AcceleratedGradientDescent
 from .cvxpy_solver import CvxpySolver, CvxpyStatusError
 from .gd import GradientDescent

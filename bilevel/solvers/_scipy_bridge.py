@@ -1,4 +1,4 @@
-"""Run :func:`scipy.optimize.minimize` on an :class:`~bilevel.solvers.base.Objective`.
+"""Run :func:`scipy.optimize.minimize` on an :class:`~bilevel.solvers.Objective`.
 
 Shared by the ``"scipy"`` and ``"scipy_lbfgs"`` solvers. SciPy works on
 float64 NumPy vectors on the CPU; the objective works on torch tensors of
@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Objective, SolveResult, Solver, SolverStatus
+from .base import Solver
+from .objective import Objective
+from .result import SolveResult, SolverStatus
 
 __all__ = ["NumpyObjective", "run_minimize", "scipy_status"]
 

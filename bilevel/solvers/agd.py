@@ -7,7 +7,10 @@ import math
 import torch
 
 from .._checks import check_nonneg_float, check_positive_int
-from .base import IterativeSolver, Objective, SolverState, SolverStatus, register_solver
+from .base import register_solver
+from .driver import IterativeSolver, SolverState
+from .objective import Objective
+from .result import SolverStatus
 
 __all__ = ["AcceleratedGradientDescent"]
 

@@ -1,4 +1,7 @@
-"""Inner-solver protocol, the shared iteration loop, results and the registry.
+"""The inner-solver protocol (:class:`Solver`), a user's callable as a solver, the registry and :func:`solve`.
+
+The result types are in :mod:`bilevel.solvers.result`, the flat objective in
+:mod:`bilevel.solvers.objective` and the iteration driver in :mod:`bilevel.solvers.driver`.
 
 Solvers only find ``phi``: none contains differentiation code. Gradients of
 the solution with respect to ``theta`` come from the optimality condition
@@ -8,28 +11,23 @@ exact hypergradients once it returns a stationary point.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .. import tree as _tree
-from .._checks import BreakdownWarning, BudgetWarning, ConvergenceError, check_nonneg_float, check_positive_int
-from .._functorch import in_transform
+from .._checks import check_nonneg_float, check_positive_int
+from .._functorch import explain_transform_errors
 from .._registry import Registry
 from ..problem import InnerProblem
+from .objective import Objective
+from .result import SolveResult, SolverStatus
 
 __all__ = [
-    "SolverStatus",
-    "SolveResult",
-    "Objective",
     "Solver",
-    "IterativeSolver",
-    "SolverState",
     "CallableSolver",
     "register_solver",
     "get",
@@ -38,183 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class SolverStatus(enum.Enum):
-    """Why an inner solve stopped. Each value is advice for the user."""
-
-    CONVERGED = "The stationarity residual ||grad_phi G|| reached tol."
-    MAX_ITER = (
-        "The maximum number of iterations was reached before ||grad_phi G|| <= tol; increase max_iter, "
-        "loosen tol, or use a faster solver (see bilevel.solvers.available())."
-    )
-    NONFINITE = (
-        "A non-finite value (NaN or inf) appeared in G or its gradient; lower step_size (or pass "
-        "step_size=None for a line search), or check the objective near phi0. The last finite iterate "
-        "is returned."
-    )
-    LINE_SEARCH_FAILED = (
-        "The line search found no step that decreases G enough: tol may be below what the floating-point "
-        "precision can reach (loosen tol or use float64), or G is non-smooth or its gradient is wrong."
-    )
-    UNCHECKED = (
-        "The solver ran inside a torch.func transform (e.g. vmap over tasks): it took exactly max_iter steps "
-        "and could not test convergence there; check ||grad_phi G|| outside the transform if it matters."
-    )
-    NOT_STATIONARY = (
-        "The point returned by the solver is not stationary (||grad_phi G|| > tol); solve more accurately "
-        "or loosen tol: the implicit hypergradient assumes phi minimises G."
-    )
-
-    @property
-    def success(self) -> bool:
-        """True only for :attr:`CONVERGED`."""
-        return self is SolverStatus.CONVERGED
-
-
-@dataclass
-class SolveResult:
-    """The outcome of an inner solve; every solver returns one.
-
-    Attributes
-    ----------
-    phi:
-        The solution, in the structure of ``phi0`` (detached; use
-        :func:`bilevel.argmin` for a ``phi`` that carries gradients).
-    converged:
-        ``grad_norm <= tol``.
-    iterations:
-        Iterations performed.
-    grad_norm:
-        ``||grad_phi G(phi, theta)||`` at the returned ``phi``.
-    status:
-        A :class:`SolverStatus`; :attr:`message` says what to do about it.
-    message:
-        Human-readable advice for :attr:`status`.
-    history:
-        ``{"grad_norm": [...], "value": [...]}`` per iterate (as available), plus
-        solver-specific per-step lists (e.g. ``step_size``).
-    value:
-        ``G(phi, theta)`` at the returned ``phi`` (``nan`` if not computed).
-    solver:
-        Name of the solver that produced the result.
-    stats:
-        Work counters: ``nfev`` (objective values), ``ngev`` (gradients),
-        ``nhvp`` (Hessian-vector products).
-    backward:
-        For a result from ``bl.argmin(..., full_output=True)``: the
-        :class:`bilevel.ImplicitInfo` of the implicit backward pass once it
-        has run (HVPs spent, linear-solve status), else ``None``.
-    """
-
-    phi: Any
-    converged: bool
-    iterations: int
-    grad_norm: float
-    status: SolverStatus
-    message: str
-    history: dict[str, list] = field(default_factory=dict)
-    value: float = float("nan")
-    solver: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
-    backward: Any = None
-
-    def raise_if_failed(self) -> "SolveResult":
-        """Raise :class:`bilevel.ConvergenceError` unless the solve converged; return ``self``."""
-        if not self.converged:
-            raise ConvergenceError(
-                f"inner solver {self.solver!r} stopped after {self.iterations} iterations with "
-                f"||grad_phi G|| = {self.grad_norm:.3g}: {self.message}"
-            )
-        return self
-
-
-class Objective:
-    """The inner objective seen as a function of a flat vector ``x`` (no autograd graph kept).
-
-    Solvers receive one. ``theta`` is detached, so nothing a solver does
-    builds a graph back to the outer variables, and memory does not grow
-    with the number of iterations.
-
-    Attributes
-    ----------
-    problem, theta, data:
-        What the solve is about (``theta`` detached, in the user's structure).
-    spec:
-        The :class:`bilevel.tree.TreeSpec` of ``phi``.
-    nfev, ngev, nhvp:
-        Counters of values, gradients and Hessian-vector products computed.
-    functional:
-        True inside a ``torch.func`` transform (e.g. ``vmap`` over tasks):
-        derivatives then come from ``torch.func`` and no value is read back.
-    read_back:
-        False while the shared loop runs without per-step read-backs (``tol=0``
-        with a fixed step): a step must then test values on the device
-        (``torch.where``) instead of with ``float()`` / ``bool()``.
-    """
-
-    def __init__(self, problem: InnerProblem, theta: Any, data: Any, spec: _tree.TreeSpec):
-        self.problem = problem
-        self.theta = _tree.map(lambda t: t.detach(), theta)
-        self.data = data
-        self.spec = spec
-        self.nfev = 0
-        self.ngev = 0
-        self.nhvp = 0
-        #: inside a torch.func transform (vmap over tasks): derivatives by torch.func, no read-backs
-        self.functional = in_transform()
-        self.read_back = True
-
-    def unflatten(self, x: torch.Tensor) -> Any:
-        """``x`` as a tree in ``phi``'s structure (views)."""
-        return _tree.unflatten(x, self.spec)
-
-    def _g(self, x: torch.Tensor) -> torch.Tensor:
-        return self.problem.value(self.unflatten(x), self.theta, self.data)
-
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        """``G(x)`` as a 0-d tensor, without building a graph."""
-        self.nfev += 1
-        if self.functional:
-            return self._g(x)
-        with torch.no_grad():
-            return self._g(x).detach()
-
-    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(G(x), grad G(x))``, both detached; the graph is freed before returning."""
-        self.nfev += 1
-        self.ngev += 1
-        if self.functional:
-            g, v = torch.func.grad_and_value(self._g)(x)
-            return v, g
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            val = self.problem.value(self.unflatten(xx), self.theta, self.data)
-            if not val.requires_grad:  # G does not depend on phi
-                return val.detach(), torch.zeros_like(x)
-            (g,) = torch.autograd.grad(val, xx, allow_unused=True)
-        return val.detach(), (torch.zeros_like(x) if g is None else g)
-
-    def grad(self, x: torch.Tensor) -> torch.Tensor:
-        """``grad G(x)`` (detached)."""
-        return self.value_and_grad(x)[1]
-
-    def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``d2G/dphi2 (x) @ v`` (detached), for second-order solvers."""
-        self.nhvp += 1
-        if self.functional:
-            return torch.func.jvp(torch.func.grad(self._g), (x,), (v,))[1]
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            val = self.problem.value(self.unflatten(xx), self.theta, self.data)
-            (g,) = torch.autograd.grad(val, xx, create_graph=True)
-            if not g.requires_grad:
-                return torch.zeros_like(v)
-            (hv,) = torch.autograd.grad(g, xx, v, allow_unused=True)
-        return torch.zeros_like(v) if hv is None else hv.detach()
-
-    def stats(self) -> dict[str, int]:
-        return {"nfev": self.nfev, "ngev": self.ngev, "nhvp": self.nhvp}
 
 
 class Solver:
@@ -269,141 +90,6 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._options().items())})"
-
-
-@dataclass
-class SolverState:
-    """The iterate of an :class:`IterativeSolver`: ``x`` with ``G(x)`` and ``grad G(x)``.
-
-    ``status`` may be set by ``step`` to stop the loop (e.g. a failed line
-    search); ``aux`` holds method-specific state (momentum, step sizes);
-    ``record`` holds per-step facts (``{"step_size": 0.5}``) that the loop
-    appends to ``result.history`` under the same keys.
-    """
-
-    x: torch.Tensor
-    value: torch.Tensor
-    grad: torch.Tensor
-    status: SolverStatus | None = None
-    aux: dict[str, Any] = field(default_factory=dict)
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-class IterativeSolver(Solver):
-    """An iterative solver driven by the shared loop.
-
-    Subclasses implement ``init(fun, x0) -> SolverState`` and
-    ``step(fun, state, k) -> SolverState``. The loop owns ``max_iter``, the
-    test ``||grad_phi G|| <= tol``, the non-finite check (the last finite
-    iterate is returned) and the history (``grad_norm`` and ``value`` per
-    iterate, plus whatever each step puts in ``SolverState.record``).
-    """
-
-    def init(self, fun: Objective, x0: torch.Tensor) -> SolverState:
-        value, grad = fun.value_and_grad(x0)
-        return SolverState(x0, value, grad)
-
-    def step(self, fun: Objective, state: SolverState, k: int) -> SolverState:
-        raise NotImplementedError
-
-    def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        if fun.functional:
-            return self._run_fixed(fun, x0)
-        if self.tol == 0.0 and self.vmappable:
-            return self._run_unsynced(fun, x0)
-        state = self.init(fun, x0.detach().clone())
-        history: dict[str, list] = {"grad_norm": [], "value": []}
-        last_good = state
-        k = 0
-        while True:
-            gn = torch.linalg.vector_norm(state.grad).item()
-            val = state.value.item()
-            if not (math.isfinite(gn) and math.isfinite(val)):
-                status = SolverStatus.NONFINITE
-                state = last_good
-                break
-            history["grad_norm"].append(gn)
-            history["value"].append(val)
-            last_good = state
-            if gn <= self.tol:
-                status = SolverStatus.CONVERGED
-                break
-            if state.status is not None:
-                status = state.status
-                break
-            if k >= self.max_iter:
-                status = SolverStatus.MAX_ITER
-                break
-            state = self.step(fun, state, k)
-            for key, item in state.record.items():
-                history.setdefault(key, []).append(item)
-            k += 1
-        gn = history["grad_norm"][-1] if history["grad_norm"] else float("nan")
-        val = history["value"][-1] if history["value"] else float("nan")
-        iterations = len(history["grad_norm"]) - 1 if status is not SolverStatus.NONFINITE else k
-        return SolveResult(state.x, status.success, max(iterations, 0), gn, status, status.value,
-                           history, val, self.name, fun.stats())
-
-
-    def _run_unsynced(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        """The shared loop without reading values back at every step (``tol == 0``, a fixed step size).
-
-        With ``tol == 0`` the loop runs ``max_iter`` steps unless an iterate is exactly stationary or
-        non-finite; those tests move to the device (the iterate to return is selected with
-        ``torch.where``) and the values are read back once, at the end. On a GPU this removes a host
-        synchronisation per inner step. The result is the one of the step-by-step loop: the same
-        point, status, iteration count and history.
-        """
-        fun.read_back = False
-        try:
-            return self._unsynced_loop(fun, x0)
-        finally:
-            fun.read_back = True
-
-    def _unsynced_loop(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        state = self.init(fun, x0.detach().clone())
-        grad_norms, values, records = [], [], []
-        keep = state.x
-        alive = torch.ones((), dtype=torch.bool, device=state.x.device)
-        for k in range(self.max_iter + 1):
-            gn = torch.linalg.vector_norm(state.grad)
-            grad_norms.append(gn)
-            values.append(state.value.detach())
-            finite = torch.isfinite(gn) & torch.isfinite(state.value)
-            keep = torch.where(alive & finite, state.x, keep)
-            alive = alive & finite & (gn > self.tol)  # the loop's stopping tests, on the device
-            if k < self.max_iter:
-                state = self.step(fun, state, k)
-                records.append(state.record)
-        gns = torch.stack(grad_norms).tolist()  # the one read-back
-        vals = torch.stack(values).tolist()
-        status, last = SolverStatus.MAX_ITER, self.max_iter
-        for k, (gn, val) in enumerate(zip(gns, vals)):
-            if not (math.isfinite(gn) and math.isfinite(val)):
-                status, last = SolverStatus.NONFINITE, k
-                break
-            if gn <= self.tol:
-                status, last = SolverStatus.CONVERGED, k
-                break
-        kept = last if status is SolverStatus.NONFINITE else last + 1  # history holds finite iterates only
-        history: dict[str, list] = {"grad_norm": gns[:kept], "value": vals[:kept]}
-        for record in records[:last]:  # the steps the step-by-step loop would have taken
-            for key, item in record.items():
-                history.setdefault(key, []).append(item)
-        gn = history["grad_norm"][-1] if kept else float("nan")
-        val = history["value"][-1] if kept else float("nan")
-        return SolveResult(keep, status.success, last, gn, status, status.value, history, val, self.name,
-                           fun.stats())
-
-    def _run_fixed(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        """Inside a torch.func transform: exactly ``max_iter`` steps, no convergence test, no read-back."""
-        _require_vmappable(self)
-        state = self.init(fun, x0)
-        for k in range(self.max_iter):
-            state = self.step(fun, state, k)
-        status = SolverStatus.UNCHECKED
-        return SolveResult(state.x, False, self.max_iter, float("nan"), status, status.value, {}, float("nan"),
-                           self.name, fun.stats())
 
 
 def _require_vmappable(solver: Solver) -> None:
@@ -604,17 +290,15 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
     fun, x0 = prepare(problem, theta, data, phi0)
     if fun.functional:
         _require_vmappable(solver_obj)
-    result = solver_obj.run(fun, x0)
+    with explain_transform_errors(f"the inner solve ({solver_obj.name})"):
+        result = solver_obj.run(fun, x0)
     result.phi = fun.unflatten(result.phi.detach())
     logger.debug("inner solve %s: %s after %d iterations, ||grad G|| = %.3g", result.solver,
                  result.status.name, result.iterations, result.grad_norm)
-    if not result.converged and result.status is not SolverStatus.UNCHECKED and not (
+    if not result.converged and result.status.warning is not None and not (
             result.status is SolverStatus.MAX_ITER and solver_obj.tol == 0):  # tol=0: a fixed budget, as asked
-        warnings.warn(
+        warnings.warn(result.status.warning(
             f"inner solver {result.solver!r} did not converge after {result.iterations} iterations "
             f"(||grad_phi G|| = {result.grad_norm:.3g}, tol {solver_obj.tol:g}): {result.message}",
-            BudgetWarning if result.status in (SolverStatus.MAX_ITER, SolverStatus.NOT_STATIONARY)
-            else BreakdownWarning,
-            stacklevel=2,
-        )
+            status=result.status, info=result), stacklevel=2)
     return result

@@ -15,7 +15,9 @@ import torch
 
 from .. import tree as _tree
 from .._checks import check_positive_int
-from .base import Objective, SolveResult, Solver, SolverStatus, register_solver
+from .base import Solver, register_solver
+from .objective import Objective
+from .result import SolveResult, SolverStatus
 
 __all__ = ["CvxpySolver", "CvxpyStatusError"]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonneg_float, check_positive_int
-from .base import IterativeSolver, Objective, SolverState, SolverStatus, register_solver
+from .base import register_solver
+from .driver import IterativeSolver, SolverState
+from .linesearch import backtracking
+from .objective import Objective
+from .result import SolverStatus
 
 __all__ = ["GradientDescent"]
 
@@ -92,23 +96,9 @@ class GradientDescent(IterativeSolver):
             x = state.x - self.step_size * g
             value, grad = fun.value_and_grad(x)
             return SolverState(x, value, grad, aux=state.aux)
-        gg = torch.dot(g, g)
-        t = state.aux["t"] * self.growth
-        f0 = state.value
-        # Below this change, G's values are indistinguishable in floating point and the
-        # Armijo test is noise; fall back to the approximate Armijo condition of Hager and
-        # Zhang (2005), which uses the directional derivative at the trial point instead.
-        noise = 100.0 * torch.finfo(f0.dtype).eps * (abs(float(f0)) + 1.0)
-        for _ in range(self.max_backtracks):
-            x = state.x - t * g
-            f = fun.value(x)
-            decrease = float(f0 - f)
-            if decrease >= self.armijo * t * float(gg):
-                value, grad = fun.value_and_grad(x)
-                return SolverState(x, value, grad, aux={"t": t})
-            if abs(decrease) <= noise:
-                value, grad = fun.value_and_grad(x)
-                if float(torch.dot(grad, g)) >= -(1.0 - 2.0 * self.armijo) * float(gg):
-                    return SolverState(x, value, grad, aux={"t": t})
-            t *= self.shrink
+        found = backtracking(fun, state.x, state.value, -g, -float(torch.dot(g, g)), state.aux["t"] * self.growth,
+                             armijo=self.armijo, shrink=self.shrink, max_backtracks=self.max_backtracks)
+        if found is not None:
+            t, x, value, grad = found
+            return SolverState(x, value, grad, aux={"t": t})
         return SolverState(state.x, state.value, state.grad, status=SolverStatus.LINE_SEARCH_FAILED, aux=state.aux)

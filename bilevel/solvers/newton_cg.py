@@ -7,7 +7,13 @@ import math
 import torch
 
 from .._checks import check_nonneg_float, check_positive_int
-from .base import IterativeSolver, Objective, SolverState, SolverStatus, register_solver
+from ..linalg.base import LinearSolveStatus
+from ..linalg.cg import CG
+from .base import register_solver
+from .driver import IterativeSolver, SolverState
+from .linesearch import backtracking
+from .objective import Objective
+from .result import SolverStatus
 
 __all__ = ["NewtonCG"]
 
@@ -124,29 +130,22 @@ class NewtonCG(IterativeSolver):
         return state
 
     def _direction(self, fun: Objective, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-        """Truncated CG on ``(H + damping I) d = -g`` from ``d = 0``: ``(d, cg_iterations, negative_curvature)``."""
-        gnorm = float(torch.linalg.vector_norm(g))
-        eta = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
-        d = torch.zeros_like(g)
-        r = -g  # residual -g - H d at d = 0
-        p = r.clone()
-        rr = float(torch.dot(r, r))
-        for i in range(1, self.cg_max_iter + 1):
+        """Truncated CG on ``(H + damping I) d = -g`` from ``d = 0``: ``(d, cg_iterations, negative_curvature)``.
+
+        CG is :class:`bilevel.linalg.CG` with the forcing term as its tolerance; at non-positive (or
+        non-finite) curvature it returns its last iterate, or ``-g`` when that is still ``d = 0``.
+        """
+        eta = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(float(torch.linalg.vector_norm(g))))
+
+        def matvec(p: torch.Tensor) -> torch.Tensor:
             hp = fun.hvp(x, p)
-            if self.damping:
-                hp = hp + self.damping * p
-            curvature = float(torch.dot(p, hp))
-            if not curvature > 0:  # non-positive (or NaN): H is not positive definite along p
-                return (-g if i == 1 else d), i, True
-            alpha = rr / curvature
-            d = d + alpha * p
-            r = r - alpha * hp
-            rr_new = float(torch.dot(r, r))
-            if math.sqrt(rr_new) <= eta * gnorm:
-                return d, i, False
-            p = r + (rr_new / rr) * p
-            rr = rr_new
-        return d, self.cg_max_iter, False
+            return hp + self.damping * p if self.damping else hp
+
+        d, info = CG(max_iter=self.cg_max_iter, tol=eta, warn=False)._solve(matvec, -g, None)
+        negative = info.status in (LinearSolveStatus.NEGATIVE_CURVATURE, LinearSolveStatus.NONFINITE)
+        if negative and info.iterations == 0:
+            d = -g
+        return d, info.matvecs, negative
 
     def step(self, fun: Objective, state: SolverState, k: int) -> SolverState:
         x, g, f0 = state.x, state.grad, state.value
@@ -160,20 +159,10 @@ class NewtonCG(IterativeSolver):
         def record(t: float) -> dict:
             return {"step_size": t, "cg_iterations": n_cg, "negative_curvature": negative}
 
-        noise = 100.0 * torch.finfo(f0.dtype).eps * (abs(float(f0)) + 1.0)
-        t = 1.0
-        for _ in range(self.max_backtracks):
-            xt = x + t * d
-            f = fun.value(xt)
-            decrease = float(f0 - f)
-            if decrease >= -self.armijo * t * slope:
-                value, grad = fun.value_and_grad(xt)
-                return SolverState(xt, value, grad, aux=aux, record=record(t))
-            if abs(decrease) <= noise:
-                # G's values are equal to round-off: approximate Armijo (Hager and Zhang) on the slope
-                value, grad = fun.value_and_grad(xt)
-                if float(torch.dot(grad, d)) <= -(1.0 - 2.0 * self.armijo) * slope:
-                    return SolverState(xt, value, grad, aux=aux, record=record(t))
-            t *= self.shrink
+        found = backtracking(fun, x, f0, d, slope, 1.0, armijo=self.armijo, shrink=self.shrink,
+                             max_backtracks=self.max_backtracks)
+        if found is not None:
+            t, xt, value, grad = found
+            return SolverState(xt, value, grad, aux=aux, record=record(t))
         return SolverState(x, f0, g, status=SolverStatus.LINE_SEARCH_FAILED, aux=aux, record=record(0.0))
 

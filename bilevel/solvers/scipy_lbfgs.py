@@ -11,7 +11,9 @@ import torch
 from .. import tree as _tree
 from .._checks import check_positive_int, check_structure
 from ._scipy_bridge import run_minimize
-from .base import Objective, SolveResult, Solver, SolverStatus, register_solver
+from .base import Solver, register_solver
+from .objective import Objective
+from .result import SolveResult, SolverStatus
 from .scipy_minimize import stopping_options
 
 __all__ = ["ScipyLBFGS"]

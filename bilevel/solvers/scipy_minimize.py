@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from ._scipy_bridge import run_minimize
-from .base import Objective, SolveResult, Solver, SolverStatus, register_solver
+from .base import Solver, register_solver
+from .objective import Objective
+from .result import SolveResult, SolverStatus
 
 __all__ = ["ScipyMinimize", "SCIPY_METHODS"]
 

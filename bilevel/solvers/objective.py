@@ -1,0 +1,102 @@
+"""The inner objective as a function of a flat vector: what every solver works on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import tree as _tree
+from .._checks import detached_objective_error
+from .._functorch import in_transform
+from ..problem import InnerProblem
+
+__all__ = ["Objective"]
+
+
+class Objective:
+    """The inner objective seen as a function of a flat vector ``x`` (no autograd graph kept).
+
+    Solvers receive one. ``theta`` is detached, so nothing a solver does
+    builds a graph back to the outer variables, and memory does not grow
+    with the number of iterations.
+
+    Attributes
+    ----------
+    problem, theta, data:
+        What the solve is about (``theta`` detached, in the user's structure).
+    spec:
+        The :class:`bilevel.tree.TreeSpec` of ``phi``.
+    nfev, ngev, nhvp:
+        Counters of values, gradients and Hessian-vector products computed.
+    functional:
+        True inside a ``torch.func`` transform (e.g. ``vmap`` over tasks):
+        derivatives then come from ``torch.func`` and no value is read back.
+    read_back:
+        False while the shared loop runs without per-step read-backs (``tol=0``
+        with a fixed step): a step must then test values on the device
+        (``torch.where``) instead of with ``float()`` / ``bool()``.
+    """
+
+    def __init__(self, problem: InnerProblem, theta: Any, data: Any, spec: _tree.TreeSpec):
+        self.problem = problem
+        self.theta = _tree.map(lambda t: t.detach(), theta)
+        self.data = data
+        self.spec = spec
+        self.nfev = 0
+        self.ngev = 0
+        self.nhvp = 0
+        #: inside a torch.func transform (vmap over tasks): derivatives by torch.func, no read-backs
+        self.functional = in_transform()
+        self.read_back = True
+
+    def unflatten(self, x: torch.Tensor) -> Any:
+        """``x`` as a tree in ``phi``'s structure (views)."""
+        return _tree.unflatten(x, self.spec)
+
+    def _g(self, x: torch.Tensor) -> torch.Tensor:
+        return self.problem.value(self.unflatten(x), self.theta, self.data)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """``G(x)`` as a 0-d tensor, without building a graph."""
+        self.nfev += 1
+        if self.functional:
+            return self._g(x)
+        with torch.no_grad():
+            return self._g(x).detach()
+
+    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G(x), grad G(x))``, both detached; the graph is freed before returning."""
+        self.nfev += 1
+        self.ngev += 1
+        if self.functional:
+            g, v = torch.func.grad_and_value(self._g)(x)
+            return v, g
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            val = self.problem.value(self.unflatten(xx), self.theta, self.data)
+            if not val.requires_grad:
+                raise detached_objective_error(f"the inner objective {getattr(self.problem, 'name', 'G')!r}")
+            (g,) = torch.autograd.grad(val, xx, allow_unused=True)
+        return val.detach(), (torch.zeros_like(x) if g is None else g)
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``grad G(x)`` (detached)."""
+        return self.value_and_grad(x)[1]
+
+    def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``d2G/dphi2 (x) @ v`` (detached), for second-order solvers."""
+        self.nhvp += 1
+        if self.functional:
+            return torch.func.jvp(torch.func.grad(self._g), (x,), (v,))[1]
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            val = self.problem.value(self.unflatten(xx), self.theta, self.data)
+            (g,) = torch.autograd.grad(val, xx, create_graph=True)
+            if not g.requires_grad:
+                return torch.zeros_like(v)
+            (hv,) = torch.autograd.grad(g, xx, v, allow_unused=True)
+        return torch.zeros_like(v) if hv is None else hv.detach()
+
+    def stats(self) -> dict[str, int]:
+        return {"nfev": self.nfev, "ngev": self.ngev, "nhvp": self.nhvp}

@@ -1,0 +1,136 @@
+"""The status vocabulary shared by every solver: why a solve stopped, and the warning it raises.
+
+Every family of solves (inner solvers, linear solvers) reports a member of an enum derived from
+:class:`Status`. The members every family has, with the same meaning, are
+
+* ``CONVERGED``: the tolerance was met (the only :attr:`~Status.success`);
+* ``MAX_ITER``: the budget ran out first (a :class:`BudgetWarning`, unless the budget was asked
+  for with ``tol=0``);
+* ``NONFINITE``: a NaN or infinity appeared (a :class:`NonFiniteWarning`);
+* ``DIVERGED``: the iteration grew instead of converging (a :class:`DivergenceWarning`);
+* ``UNCHECKED``: the solve ran inside a ``torch.func`` transform, where nothing can be checked.
+
+Each family adds its own breakdowns (``NEGATIVE_CURVATURE`` for linear solves, ``LINE_SEARCH_FAILED``
+and ``NOT_STATIONARY`` for inner solves). A member's value is the advice for the user; its
+:attr:`~Status.warning` is the warning class a solve that ends with it emits.
+
+Warnings carry what was measured: ``warning.status`` (the member) and ``warning.info`` (the
+:class:`bilevel.SolveResult` or :class:`bilevel.linalg.LinearSolveInfo`), so code can react to a
+breakdown by its type rather than by its text::
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        phi = bl.argmin(...)
+        loss(phi).backward()
+    hit = any(isinstance(w.message, bl.NegativeCurvatureWarning) for w in caught)
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+__all__ = ["Status", "SHARED_STATUSES", "ConvergenceWarning", "BudgetWarning", "BreakdownWarning",
+           "NegativeCurvatureWarning", "NonFiniteWarning", "DivergenceWarning", "LineSearchWarning",
+           "ConvergenceError"]
+
+#: The members every status family defines, with the same meaning.
+SHARED_STATUSES = ("CONVERGED", "MAX_ITER", "NONFINITE", "DIVERGED", "UNCHECKED")
+
+
+class ConvergenceWarning(UserWarning):
+    """An inner solver or a linear solver stopped before meeting its tolerance.
+
+    The result still comes back (``converged=False`` with a ``status`` that
+    says what to change); call ``result.raise_if_failed()`` to turn the
+    failure into an error, or filter this warning to silence it.
+
+    Attributes
+    ----------
+    status:
+        The :class:`Status` member the solve ended with (``None`` when not from a solve).
+    info:
+        What the solve measured: a :class:`bilevel.SolveResult` or a
+        :class:`bilevel.linalg.LinearSolveInfo` (``None`` when not from a solve).
+    """
+
+    def __init__(self, message: str = "", *, status: "Status | None" = None, info: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.info = info
+
+
+class BudgetWarning(ConvergenceWarning):
+    """A solver used its whole budget (``max_iter``) before meeting its tolerance.
+
+    Often intended (a fixed number of inner steps, 5 CG steps): silence these
+    alone with ``warnings.simplefilter("ignore", bilevel.BudgetWarning)`` and
+    still see the :class:`BreakdownWarning` s.
+    """
+
+
+class BreakdownWarning(ConvergenceWarning):
+    """A solver stopped because something is wrong: negative curvature, divergence, NaN, a failed line search."""
+
+
+class NegativeCurvatureWarning(BreakdownWarning):
+    """A linear solve met a direction ``p`` with ``p^T A p <= 0``: the system is not positive definite.
+
+    For the engine: the inner Hessian is indefinite at ``phi``, so the implicit function theorem
+    does not apply as posed. ``info.extra["min_curvature"]`` holds the smallest curvature seen.
+    """
+
+
+class NonFiniteWarning(BreakdownWarning):
+    """A NaN or infinity appeared in a solve (the last finite iterate is returned)."""
+
+
+class DivergenceWarning(BreakdownWarning):
+    """A solve grew instead of converging (a step size too large for the problem's curvature)."""
+
+
+class LineSearchWarning(BreakdownWarning):
+    """A line search found no step that decreases the objective enough."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised by ``raise_if_failed()`` on a result that did not converge."""
+
+
+_WARNINGS: dict[str, type[ConvergenceWarning]] = {
+    "MAX_ITER": BudgetWarning,
+    "NOT_STATIONARY": BudgetWarning,
+    "NONFINITE": NonFiniteWarning,
+    "DIVERGED": DivergenceWarning,
+    "NEGATIVE_CURVATURE": NegativeCurvatureWarning,
+    "LINE_SEARCH_FAILED": LineSearchWarning,
+}
+
+
+class Status(enum.Enum):
+    """Base of the status families (:class:`bilevel.SolverStatus`, :class:`bilevel.linalg.LinearSolveStatus`).
+
+    A family is an enum deriving from this one that defines at least :data:`SHARED_STATUSES`;
+    a member's value is the advice for the user.
+    """
+
+    @property
+    def success(self) -> bool:
+        """True only for ``CONVERGED``."""
+        return self.name == "CONVERGED"
+
+    @property
+    def advice(self) -> str:
+        """What to do about it (the member's value)."""
+        return self.value
+
+    @property
+    def warning(self) -> type[ConvergenceWarning] | None:
+        """The warning class a solve ending with this status emits (``None``: no warning)."""
+        return _WARNINGS.get(self.name)
+
+    @property
+    def breakdown(self) -> bool:
+        """True when something is wrong (warns even when a fixed budget was asked for)."""
+        cls = self.warning
+        return cls is not None and issubclass(cls, BreakdownWarning)
