@@ -167,7 +167,6 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main-job": ("main_job", _main_job),
     "compare": ("compare", _compare),
     "study": ("study", _study),
-    "candidate": ("candidate", _compare),
 }
 
 
@@ -282,7 +281,7 @@ def stale_configs() -> list[str]:
             if measured.get("meta_steps") != current["meta_steps"]:
                 diffs.append(f"meta_steps: {measured.get('meta_steps')!r} measured, {current['meta_steps']!r} now")
             stale += [f"main_job: seed {run['seed']}: {d}" for d in diffs]
-    for file in ("compare", "study", "candidate"):
+    for file in ("compare", "study"):
         data = _load(file)
         for run in (data or {}).get("runs", []):
             name = run["setting"]
