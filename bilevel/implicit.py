@@ -56,9 +56,11 @@ class ImplicitInfo:
 
     Attributes
     ----------
-    iterations, residual_norm, relative_residual, converged, status:
-        Those of the linear solve ``(d2G/dphi2) v = cotangent`` (see
-        :class:`bilevel.linalg.LinearSolveInfo`).
+    linear_solve:
+        The :class:`bilevel.linalg.LinearSolveInfo` of the linear solve
+        ``(d2G/dphi2) v = cotangent``; its ``iterations``, ``residual_norm``,
+        ``relative_residual``, ``converged``, ``status`` and ``message`` are
+        also properties of this object.
     hvps:
         Hessian-vector products spent.
     inner_grad_norm:
@@ -66,8 +68,6 @@ class ImplicitInfo:
         inner solution was (the implicit gradient assumes 0).
     hvp_mode:
         ``"reverse"`` or ``"forward"``.
-    linear_solve:
-        The full :class:`bilevel.linalg.LinearSolveInfo`.
     true_residual_norm:
         ``||cotangent - (d2G/dphi2) v||`` recomputed with one extra
         Hessian-vector product (only when a certificate was asked for;
@@ -83,19 +83,45 @@ class ImplicitInfo:
         ``mu`` (``constants.mu=None``), else ``None``.
     """
 
-    iterations: int
-    residual_norm: float
-    relative_residual: float
-    converged: bool
-    status: LinearSolveStatus
+    linear_solve: LinearSolveInfo
     hvps: int
     inner_grad_norm: float
     hvp_mode: str
-    linear_solve: LinearSolveInfo = field(repr=False)
     true_residual_norm: float | None = None
     certificate: _bounds.Certificate | None = field(default=None, repr=False)
     adaptive: _bounds.AdaptiveReport | None = field(default=None, repr=False)
     curvature: _bounds.CurvatureEstimate | None = field(default=None, repr=False)
+
+    # the linear solve's own facts, read from it rather than copied
+    @property
+    def iterations(self) -> int:
+        """Iterations of the linear solve."""
+        return self.linear_solve.iterations
+
+    @property
+    def residual_norm(self) -> float:
+        """``||cotangent - (d2G/dphi2) v||`` from the linear solver's recurrence."""
+        return self.linear_solve.residual_norm
+
+    @property
+    def relative_residual(self) -> float:
+        """:attr:`residual_norm` relative to ``||cotangent||``."""
+        return self.linear_solve.relative_residual
+
+    @property
+    def converged(self) -> bool:
+        """Whether the linear solve met its tolerance."""
+        return self.linear_solve.converged
+
+    @property
+    def status(self) -> LinearSolveStatus:
+        """Why the linear solve stopped (a :class:`bilevel.linalg.LinearSolveStatus`; set: written through)."""
+        return self.linear_solve.status
+
+    @status.setter
+    def status(self, value: LinearSolveStatus) -> None:
+        self.linear_solve.status = value
+        self.linear_solve.converged = value.success
 
     @property
     def message(self) -> str:
@@ -126,8 +152,7 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
     lin.release()
     if keep is not None:
         keep["v"] = v.detach()
-    info = ImplicitInfo(linfo.iterations, linfo.residual_norm, linfo.relative_residual, linfo.converged,
-                        linfo.status, lin.count, inner_gn, lin.mode, linfo, true_res)
+    info = ImplicitInfo(linfo, lin.count, inner_gn, lin.mode, true_res)
     logger.debug("implicit solve: %s, %d HVPs, relative residual %.3g", linfo.status.name, lin.count,
                  linfo.relative_residual)
     return -mixed[0], [-m for m in mixed[1:]], info

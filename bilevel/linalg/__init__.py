@@ -7,6 +7,7 @@ with ``info`` a :class:`LinearSolveInfo`. Build one with :func:`get`.
 from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
 from .registry import available, get, register
 from .cg import CG, cg
+from .driver import IterativeLinearSolver, LinearState
 from .eig import CurvatureEstimate, lanczos, power_iteration
 from .hvp import DEFAULT_HVP_MODE, EXACT_HVP_MODES, GAUSS_NEWTON_MODES, HVP_MODES, Linearization, hvp
 from .neumann import Neumann, neumann
@@ -19,6 +20,8 @@ __all__ = [
     "available",
     "get",
     "register",
+    "IterativeLinearSolver",
+    "LinearState",
     "CG",
     "cg",
     "Neumann",

@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonneg_float, check_positive_int
-from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
-from .registry import register
+from .base import LinearSolveStatus, Matvec
+from .driver import IterativeLinearSolver, LinearState
 from .eig import power_iteration
+from .registry import register
 
 __all__ = ["Neumann", "neumann"]
 
 
 @register("neumann")
-class Neumann(LinearSolver):
+class Neumann(IterativeLinearSolver):
     """Richardson iteration / truncated Neumann series for positive definite ``A``.
 
     Parameters
@@ -67,60 +68,29 @@ class Neumann(LinearSolver):
         """True with a fixed ``step_size`` (the power-iteration estimate reads values back)."""
         return self.step_size is not None
 
-    def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None,
-                    flags: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Exactly ``max_iter`` terms of the series, with no value read back (vmap-safe)."""
-        if self.step_size is None:
-            return super().solve_fixed(matvec, b, x0, flags)
-        x = torch.zeros_like(b) if x0 is None else x0
-        r = b if x0 is None else b - matvec(x0)
-        for _ in range(self.max_iter):
-            x = x + self.step_size * r
-            r = r - self.step_size * matvec(r)
-        return x
+    def prepare(self, matvec: Matvec, b: torch.Tensor) -> tuple[LinearSolveStatus | None, int, dict]:
+        """The step size: given, or ``1 / lambda_max`` by power iteration (which may end the solve)."""
+        if self.step_size is not None:
+            return None, 0, {"step_size": self.step_size}
+        lam_max, used = power_iteration(matvec, b, max_iter=self.power_iters)
+        extra = {"lambda_max_estimate": lam_max}
+        if not lam_max > 0 or lam_max != lam_max:
+            return (LinearSolveStatus.NEGATIVE_CURVATURE if lam_max <= 0 else LinearSolveStatus.NONFINITE), used, extra
+        extra["step_size"] = 1.0 / lam_max
+        return None, used, extra
 
-    def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None):
-        matvecs = 0
-        alpha = self.step_size
-        extra = {}
-        if alpha is None:
-            lam_max, used = power_iteration(matvec, b, max_iter=self.power_iters)
-            matvecs += used
-            extra["lambda_max_estimate"] = lam_max
-            if not lam_max > 0 or lam_max != lam_max:
-                bn = torch.linalg.vector_norm(b).item()
-                info = LinearSolveInfo(0, bn, 1.0 if bn > 0 else 0.0, False,
-                                       LinearSolveStatus.NEGATIVE_CURVATURE if lam_max <= 0
-                                       else LinearSolveStatus.NONFINITE, matvecs, extra=extra)
-                return torch.zeros_like(b), info
-            alpha = 1.0 / lam_max
-        extra["step_size"] = alpha
-        bnorm = torch.linalg.vector_norm(b).item()
-        if x0 is None:
-            x, r = torch.zeros_like(b), b.clone()
-        else:
-            x, r = x0.clone(), b - matvec(x0)
-            matvecs += 1
-        r0 = torch.linalg.vector_norm(r).item()
-        rnorm = r0
-        scale = bnorm if bnorm > 0 else 1.0
-        status = LinearSolveStatus.CONVERGED if rnorm <= self.tol * scale else LinearSolveStatus.MAX_ITER
-        k = 0
-        while status is LinearSolveStatus.MAX_ITER and k < self.max_iter:
-            k += 1
-            Ar = matvec(r)
-            matvecs += 1
-            x = x + alpha * r
-            r = r - alpha * Ar
-            rnorm = torch.linalg.vector_norm(r).item()
-            if rnorm != rnorm or rnorm == float("inf"):
-                status = LinearSolveStatus.NONFINITE
-            elif rnorm <= self.tol * scale:
-                status = LinearSolveStatus.CONVERGED
-            elif rnorm > self.divergence_factor * max(r0, 1e-300):
-                status = LinearSolveStatus.DIVERGED
-        rel = rnorm / bnorm if bnorm > 0 else rnorm
-        return x, LinearSolveInfo(k, rnorm, rel, status.success, status, matvecs, extra=extra)
+    def init(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None, prepared: dict) -> LinearState:
+        state = super().init(matvec, b, x0, prepared)
+        state.aux = {"alpha": torch.full((), prepared["step_size"], dtype=b.dtype, device=b.device)}
+        return state
+
+    def step(self, matvec: Matvec, state: LinearState) -> tuple[LinearState, None]:
+        alpha = state.aux["alpha"]
+        Ar = matvec(state.r)
+        return LinearState(state.x + alpha * state.r, state.r - alpha * Ar, state.aux), None
+
+    def diverged(self, rnorm: float, r0: float) -> bool:
+        return rnorm > self.divergence_factor * max(r0, 1e-300)
 
 
 def neumann(matvec: Matvec, b: torch.Tensor, *, x0: torch.Tensor | None = None, max_iter: int = 100,
