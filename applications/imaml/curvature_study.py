@@ -68,6 +68,7 @@ def meta_gradient_norm(learner: MetaLearner, theta, xs, ys, xq, yq, linear_solve
 
 
 def random_tasks(n_tasks: int, n_way: int, k_shot: int, k_query: int, seed: int):
+    """``n_tasks`` seeded tasks of uniform-noise 28x28 images: ``(xs, ys, xq, yq)`` each (no data needed)."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(n_tasks):
         yield (torch.rand(n_way * k_shot, 1, 28, 28, generator=g), torch.arange(n_way).repeat_interleave(k_shot),
@@ -75,6 +76,7 @@ def random_tasks(n_tasks: int, n_way: int, k_shot: int, k_query: int, seed: int)
 
 
 def omniglot_tasks(data_dir: str, n_tasks: int, n_way: int, k_shot: int, k_query: int, seed: int):
+    """``n_tasks`` seeded Omniglot meta-training tasks from ``data_dir``: ``(xs, ys, xq, yq)`` each."""
     from .data import EpisodeSampler, load_omniglot
 
     splits = load_omniglot(data_dir, progress=False).split(seed=0)
@@ -86,6 +88,7 @@ def omniglot_tasks(data_dir: str, n_tasks: int, n_way: int, k_shot: int, k_query
 
 def run(out: Path, data_dir: str | None, *, n_tasks: int = 8, steps=(1, 2, 5, 16), n_way: int = 20,
         k_shot: int = 5, k_query: int = 5, cg_steps: int = 5) -> dict:
+    """Run the study (see the module docstring) and write its JSON and plot under ``out``; returns the results."""
     torch.manual_seed(0)
     net = ConvNet(n_way)
     theta = init_params(net, seed=0)
@@ -120,6 +123,7 @@ def run(out: Path, data_dir: str | None, *, n_tasks: int = 8, steps=(1, 2, 5, 16
 
 
 def main(argv=None) -> int:
+    """The command line (``python -m applications.imaml.curvature_study``); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/curvature")
     parser.add_argument("--data-dir", default=None, help="real Omniglot, if present")
