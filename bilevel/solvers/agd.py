@@ -174,7 +174,6 @@ class AcceleratedGradientDescent(IterativeSolver):
         if k == 0:
             s_prev = s  # no step before the first: ratio s_prev / s = 1 in the t_k update
         beta_y = None  # the momentum y was last built with
-        bad = None  # without read-backs: whether y is non-finite, as a device tensor
         for _ in range(1 if fixed is not None else self.max_backtracks):
             beta, t_next = self._momentum(t, s_prev, s)
             if beta != beta_y:
@@ -184,19 +183,14 @@ class AcceleratedGradientDescent(IterativeSolver):
                 else:
                     y = x + beta * (x - x_prev)
                     fy, gy = fun.value_and_grad(y)
-                    if fun.functional:
-                        pass
-                    elif not fun.read_back:  # the same test on the device (applied below)
-                        bad = ~(torch.isfinite(fy) & torch.isfinite(gy).all())
-                    elif not (math.isfinite(float(fy)) and bool(torch.isfinite(gy).all())):
-                        # hand the non-finite point to the loop, which returns the last finite iterate
+                    # with a line search (always driven step by step), a non-finite y would only exhaust the
+                    # backtracking: hand it to the driver, which returns the last finite iterate. With a fixed
+                    # step the next point is non-finite too, and the driver sees that in whichever way it runs.
+                    if fixed is None and not (math.isfinite(float(fy)) and bool(torch.isfinite(gy).all())):
                         return SolverState(y, fy, gy, aux=aux, record=self._record(s, beta, False))
                 gg = float(torch.dot(gy, gy)) if fixed is None else None
             x_new = y - s * gy
             f_new, g_new = fun.value_and_grad(x_new)
-            if bad is not None:  # a non-finite y is handed to the loop, as the read-back branch does
-                x_new, f_new, g_new = (torch.where(bad, y, x_new), torch.where(bad, fy, f_new),
-                                       torch.where(bad, gy, g_new))
             if fixed is not None:
                 break
             accepted, s_local = self._accept(fy, gy, gg, f_new, g_new, s)

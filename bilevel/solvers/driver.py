@@ -111,15 +111,10 @@ class IterativeSolver(Solver):
         non-finite; those tests move to the device (the iterate to return is selected with
         ``torch.where``) and the values are read back once, at the end. On a GPU this removes a host
         synchronisation per inner step. The result is the one of the step-by-step loop: the same
-        point, status, iteration count and history.
+        point, status, iteration count and history. A solver's step runs unchanged: it never asks how
+        it is being driven (a step that must read values back, such as a line search, makes the
+        solver not :attr:`~bilevel.solvers.Solver.vmappable`, and this loop is not used for it).
         """
-        fun.read_back = False
-        try:
-            return self._unsynced_loop(fun, x0)
-        finally:
-            fun.read_back = True
-
-    def _unsynced_loop(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
         state = self.init(fun, x0.detach().clone())
         grad_norms, values, records = [], [], []
         keep = state.x

@@ -9,6 +9,7 @@ import torch
 from .. import tree as _tree
 from .._checks import detached_objective_error
 from .._functorch import in_transform
+from ..linalg.hvp import hvp as _hvp
 from ..problem import InnerProblem
 
 __all__ = ["Objective"]
@@ -32,10 +33,6 @@ class Objective:
     functional:
         True inside a ``torch.func`` transform (e.g. ``vmap`` over tasks):
         derivatives then come from ``torch.func`` and no value is read back.
-    read_back:
-        False while the shared loop runs without per-step read-backs (``tol=0``
-        with a fixed step): a step must then test values on the device
-        (``torch.where``) instead of with ``float()`` / ``bool()``.
     """
 
     def __init__(self, problem: InnerProblem, theta: Any, data: Any, spec: _tree.TreeSpec):
@@ -48,7 +45,6 @@ class Objective:
         self.nhvp = 0
         #: inside a torch.func transform (vmap over tasks): derivatives by torch.func, no read-backs
         self.functional = in_transform()
-        self.read_back = True
 
     def unflatten(self, x: torch.Tensor) -> Any:
         """``x`` as a tree in ``phi``'s structure (views)."""
@@ -85,18 +81,9 @@ class Objective:
         return self.value_and_grad(x)[1]
 
     def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``d2G/dphi2 (x) @ v`` (detached), for second-order solvers."""
+        """``d2G/dphi2 (x) @ v`` (detached), for second-order solvers (by :func:`bilevel.linalg.hvp`)."""
         self.nhvp += 1
-        if self.functional:
-            return torch.func.jvp(torch.func.grad(self._g), (x,), (v,))[1]
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            val = self.problem.value(self.unflatten(xx), self.theta, self.data)
-            (g,) = torch.autograd.grad(val, xx, create_graph=True)
-            if not g.requires_grad:
-                return torch.zeros_like(v)
-            (hv,) = torch.autograd.grad(g, xx, v, allow_unused=True)
-        return torch.zeros_like(v) if hv is None else hv.detach()
+        return _hvp(lambda z: self._g(z), x.detach(), v, "forward" if self.functional else "reverse").detach()
 
     def stats(self) -> dict[str, int]:
         return {"nfev": self.nfev, "ngev": self.ngev, "nhvp": self.nhvp}
