@@ -12,7 +12,8 @@ from . import bounds, linalg, solvers, status, testing, tree, unrolled
 from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
-from .implicit import ImplicitInfo, argmin, implicit_vjp
+from ._argmin import argmin
+from .implicit import ImplicitInfo, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
 from .problem import InnerProblem, PredictionLoss, ProximalProblem
 from .solvers import SolveResult, SolverStatus, register_solver, solve
