@@ -31,7 +31,7 @@ SOLVER_SETTINGS = {
     # on these problems (a full memory helps), so its tolerance cannot be as tight as the others'.
     "scipy_lbfgs": ({"tol": 1e-7, "memory": 30, "max_iter": 2000}, 1e-6),
     "scipy": ({"method": "BFGS", "tol": 1e-8, "max_iter": 2000}, 1e-7),
-    # cvxpy needs a problem-specific build=... (see tests/test_scipy_cvxpy_solvers.py), so the generic
+    # cvxpy needs a problem-specific build=... (see tests/bilevel/test_scipy_cvxpy_solvers.py), so the generic
     # contract tests cannot construct it; these are the conic-solver settings that file uses.
     "cvxpy": ({"tol": 1e-8, "solver_options": {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12}},
               1e-6),

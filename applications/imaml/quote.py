@@ -15,7 +15,7 @@ of the code that measured it. Commands::
     python -m applications.imaml.quote plot-study                    # results/study.png from results/study.json
     python -m applications.imaml.quote check                         # exit 1 if anything is stale
 
-``tests/test_imaml_compare.py`` runs both checks: a README whose numbers disagree with the
+``tests/applications/test_imaml_compare.py`` runs both checks: a README whose numbers disagree with the
 committed results fails the tests, and so do results measured on a configuration that has
 since changed (:func:`stale_configs`: a new default must be measured again before it is quoted).
 """

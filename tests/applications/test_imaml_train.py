@@ -19,7 +19,7 @@ from applications.imaml.model import ConvNet, init_params
 from applications.imaml.train import (CheckpointError, CheckpointMismatchError, Trainer, atomic_save,
                                      confidence_interval)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("float32_default")  # the application runs in float32, like on a GPU

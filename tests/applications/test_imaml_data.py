@@ -689,7 +689,7 @@ def test_mini_imagenet_errors(tmp_path):
 # --------------------------------------------------------------------------- the real Omniglot
 
 REAL_OMNIGLOT = Path(os.environ.get("BILEVEL_OMNIGLOT")
-                     or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")
+                     or Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Every registered linear solver (and a user callable) gives the exact hypergradient on every reference problem.
 
-The linear-solver counterpart of tests/test_solvers.py: parametrised over ``bl.linalg.available()``, so a
+The linear-solver counterpart of tests/bilevel/test_solvers.py: parametrised over ``bl.linalg.available()``, so a
 newly registered linear solver is tested here as soon as it has an entry in ``LINEAR_SETTINGS``.
 """
 
@@ -37,7 +37,7 @@ def make_linear_solver(name):
 
 def test_every_registered_linear_solver_has_settings():
     missing = [name for name in LINEAR if name not in LINEAR_SETTINGS]
-    assert not missing, f"add {missing} to LINEAR_SETTINGS in tests/test_linear_solvers.py"
+    assert not missing, f"add {missing} to LINEAR_SETTINGS in tests/bilevel/test_linear_solvers.py"
 
 
 @pytest.mark.parametrize("problem_name", sorted(REFERENCE_PROBLEMS))

@@ -20,7 +20,7 @@ from bilevel.solvers.cvxpy_solver import CvxpySolver, CvxpyStatusError
 from bilevel.solvers.scipy_lbfgs import ScipyLBFGS
 from bilevel.solvers.scipy_minimize import SCIPY_METHODS, ScipyMinimize
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 HAS_CVXPY = importlib.util.find_spec("cvxpy") is not None
 needs_cvxpy = pytest.mark.skipif(not HAS_CVXPY, reason="cvxpy is not installed (pip install bilevel[cvxpy])")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
