@@ -16,7 +16,7 @@ import torch.utils._pytree as _pytree
 
 from . import tree as _tree
 from ._checks import check_finite_tree
-from ._functorch import in_transform
+from ._functorch import explain_transform_errors, in_transform
 from ._linearize import check_hvp
 from .implicit import _PHI_HINT, ImplicitInfo, _core
 from .linalg.base import LinearSolver
@@ -124,11 +124,12 @@ class _Argmin(torch.autograd.Function):
     def vmap(info, in_dims, cfg: _ArgminConfig, *inputs: torch.Tensor):
         # one task at a time: each solve and each backward is exactly the unbatched one
         outputs, results = [], []
-        for b in range(info.batch_size):
-            task = replace(cfg, result=None, backward_info=None)
-            outputs.append(_Argmin.apply(task, *[x if d is None else x.select(d, b)
-                                                 for x, d in zip(inputs, in_dims[1:])]))
-            results.append(task.result)
+        with explain_transform_errors("bl.argmin under torch.func.vmap"):
+            for b in range(info.batch_size):
+                task = replace(cfg, result=None, backward_info=None)
+                outputs.append(_Argmin.apply(task, *[x if d is None else x.select(d, b)
+                                                     for x, d in zip(inputs, in_dims[1:])]))
+                results.append(task.result)
         cfg.result = results
         stacked = tuple(torch.stack(column) for column in zip(*outputs))
         return stacked, (0,) * len(stacked)

@@ -30,6 +30,11 @@ _TRANSFORM_FAULTS = (
      "torch.func transforms (vmap over tasks, hvp='forward', 'gauss_newton') cannot run. Use hvp='reverse' "
      "outside vmap (a loop over tasks), or give the Function a setup_context "
      "(https://pytorch.org/docs/stable/notes/extending.func.html)"),
+    ("escaped from inside a function being vmapped",
+     "a tensor of the vmapped function reached the solve from outside its arguments: bl.argmin runs each task "
+     "of a vmap in turn, so per-task tensors must come in through argmin's own arguments (theta, data, phi0; "
+     "data as a tensor or a dict / list / tuple of tensors), not captured by the objective's closure. Pass them "
+     "as data, e.g. bl.ProximalProblem(lambda phi, d: loss(phi, d)) with data=(X, y)"),
 )
 
 

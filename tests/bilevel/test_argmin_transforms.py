@@ -120,3 +120,15 @@ def test_a_module_stands_for_its_named_parameters():
     loss(bl.argmin(problem, params, (X, y), solver=solver), (X, y)).backward()
     assert torch.allclose(net.weight.grad, params["weight"].grad, rtol=0, atol=1e-12)
     assert torch.allclose(net.bias.grad, params["bias"].grad, rtol=0, atol=1e-12)
+
+
+def test_vmap_of_argmin_with_a_batched_phi0_equals_the_loop():
+    thetas, data, _ = _tasks(5)
+    starts = thetas + 1.0
+
+    def one(t, p0, d):
+        return bl.argmin(PROBLEM, t, d, solver=SOLVERS["newton_cg"](), phi0=p0)
+
+    batched = torch.func.vmap(one)(thetas, starts, data)
+    loop = torch.stack([one(thetas[i], starts[i], {k: v[i] for k, v in data.items()}) for i in range(TASKS)])
+    assert torch.allclose(batched, loop, rtol=0, atol=1e-12)

@@ -236,3 +236,23 @@ def test_target_error_without_constants_estimates_them_and_says_so():
     assert info.adaptive.met and not cert.rigorous and set(cert.estimated) == {"mu", "L", "rho"}
     assert "not rigorous" in cert.message
     assert float((g - ref.hypergradient()).norm()) <= 1e-6  # a quadratic G: rho = 0 is exact here
+
+
+def test_per_task_tensors_captured_by_a_closure_under_vmap_are_named():
+    X = torch.randn(4, 10, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(4, 10, generator=torch.Generator().manual_seed(1)).sign()
+
+    def one(theta, Xi, yi):
+        problem = bl.ProximalProblem(lambda p, _: F.softplus(-yi * (Xi @ p)).mean(), lam=1.0)
+        return bl.argmin(problem, theta, None, solver=bl.solvers.get("newton_cg", tol=1e-10))
+
+    with pytest.raises(RuntimeError, match=r"per-task tensors must come in through argmin's own arguments.*data"):
+        torch.func.vmap(one)(torch.zeros(4, 3), X, y)
+
+    def through_data(theta, Xi, yi):  # the way that works: the same tensors as data
+        problem = bl.ProximalProblem(lambda p, d: F.softplus(-d[1] * (d[0] @ p)).mean(), lam=1.0)
+        return bl.argmin(problem, theta, (Xi, yi), solver=bl.solvers.get("newton_cg", tol=1e-10))
+
+    batched = torch.func.vmap(through_data)(torch.zeros(4, 3), X, y)
+    loop = torch.stack([through_data(torch.zeros(3), X[i], y[i]) for i in range(4)])
+    assert torch.allclose(batched, loop, rtol=0, atol=1e-12)
