@@ -93,6 +93,25 @@ def _argmin_backward(ctx, *grad_phi: torch.Tensor):
 _argmin_backward_once = torch.autograd.function.once_differentiable(_argmin_backward)
 
 
+def _forward(cfg: _ArgminConfig, *inputs: torch.Tensor):
+    theta_leaves, _, data, phi0 = cfg.split(inputs)
+    theta = _tree.from_leaves(cfg.theta_spec, [t.detach() for t in theta_leaves])
+    result = solve(cfg.problem, theta, data, solver=cfg.solver, phi0=phi0)
+    cfg.result = result
+    return tuple(t.detach().clone() for t in _tree.leaves(result.phi))
+
+
+def _setup_context(ctx, inputs, output):
+    cfg = inputs[0]
+    ctx.cfg = cfg
+    ctx.save_for_backward(*inputs[1:], *output)
+
+
+def _backward(ctx, *grad_phi: torch.Tensor):
+    # first-order only: plain autograd gets once_differentiable's error if differentiated again
+    return (_argmin_backward if in_transform() else _argmin_backward_once)(ctx, *grad_phi)
+
+
 class _Argmin(torch.autograd.Function):
     """``phi*(theta)`` as an autograd operation: the solver forward, the implicit function theorem backward.
 
@@ -101,24 +120,9 @@ class _Argmin(torch.autograd.Function):
     the adjoint with ``torch.func`` derivatives.
     """
 
-    @staticmethod
-    def forward(cfg: _ArgminConfig, *inputs: torch.Tensor):
-        theta_leaves, _, data, phi0 = cfg.split(inputs)
-        theta = _tree.from_leaves(cfg.theta_spec, [t.detach() for t in theta_leaves])
-        result = solve(cfg.problem, theta, data, solver=cfg.solver, phi0=phi0)
-        cfg.result = result
-        return tuple(t.detach().clone() for t in _tree.leaves(result.phi))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        cfg = inputs[0]
-        ctx.cfg = cfg
-        ctx.save_for_backward(*inputs[1:], *output)
-
-    @staticmethod
-    def backward(ctx, *grad_phi: torch.Tensor):
-        # first-order only: plain autograd gets once_differentiable's error if differentiated again
-        return (_argmin_backward if in_transform() else _argmin_backward_once)(ctx, *grad_phi)
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
     @staticmethod
     def vmap(info, in_dims, cfg: _ArgminConfig, *inputs: torch.Tensor):
@@ -133,6 +137,18 @@ class _Argmin(torch.autograd.Function):
         cfg.result = results
         stacked = tuple(torch.stack(column) for column in zip(*outputs))
         return stacked, (0,) * len(stacked)
+
+
+class _ArgminBatched(torch.autograd.Function):
+    """The same operation for a fixed budget (a vmappable inner solver with ``tol=0``, a vmappable linear
+    solver): under :func:`torch.func.vmap` the forward and the backward run batched over the tasks (the
+    solver's fixed-count path, CG's masked steps), which is what a GPU wants; the result is the per-task
+    loop's, since a fixed budget takes the same steps either way."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | Solver | Callable = "gd",
@@ -183,8 +199,11 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
 
     ``argmin`` composes with ``torch.func``: ``torch.func.vmap`` over tasks solves and
     differentiates each task in turn, with any solver, exactly as a Python loop would (the tensors
-    of ``data`` and ``phi0`` may be batched when they sit in dicts, lists or tuples); and
-    ``torch.func.grad`` of a function of ``argmin``'s ``phi`` is the implicit hypergradient.
+    of ``data`` and ``phi0`` may be batched when they sit in dicts, lists or tuples). With a fixed
+    budget (a vmappable solver with ``tol=0``, such as ``gd`` with a ``step_size``, and a vmappable
+    linear solver such as ``cg``) the tasks run batched instead, forward and backward, with the same
+    result; ``full_output`` then gives one ``UNCHECKED`` result for the batch. ``torch.func.grad`` of
+    a function of ``argmin``'s ``phi`` is the implicit hypergradient.
 
     Examples
     --------
@@ -215,7 +234,10 @@ def argmin(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str |
                         None if in_transform() else phi0)
     if not in_transform():
         phi0_leaves = []
-    out = _Argmin.apply(cfg, *_tree.leaves(theta), *hyper, *data_tensors, *phi0_leaves)
+    batched = in_transform() and solver_obj.vmappable and solver_obj.tol == 0 and linear_obj.vmappable
+    function = _ArgminBatched if batched else _Argmin
+    with explain_transform_errors("bl.argmin under a torch.func transform"):
+        out = function.apply(cfg, *_tree.leaves(theta), *hyper, *data_tensors, *phi0_leaves)
     phi = _tree.from_leaves(phi_spec, list(out))
     if full_output:
         return phi, cfg.result

@@ -132,3 +132,32 @@ def test_vmap_of_argmin_with_a_batched_phi0_equals_the_loop():
     batched = torch.func.vmap(one)(thetas, starts, data)
     loop = torch.stack([one(thetas[i], starts[i], {k: v[i] for k, v in data.items()}) for i in range(TASKS)])
     assert torch.allclose(batched, loop, rtol=0, atol=1e-12)
+
+
+def test_a_fixed_budget_runs_batched_under_vmap_and_equals_the_loop():
+    thetas, data, val = _tasks(6)
+    solver = lambda: bl.solvers.get("gd", step_size=0.5, max_iter=30, tol=0.0)  # noqa: E731
+    linear = lambda: bl.linalg.get("cg", max_iter=10, tol=0.0)  # noqa: E731
+
+    def outer(t, d, v):
+        return _loss(bl.argmin(PROBLEM, t, d, solver=solver(), linear_solver=linear()), v)
+
+    calls = []
+    original = bl._argmin._ArgminBatched.forward
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    batched_thetas = thetas.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bl._argmin._ArgminBatched, "forward", staticmethod(counted))
+        values = torch.func.vmap(outer)(batched_thetas, data, val)
+    assert len(calls) == 1  # one batched forward, not one per task
+    values.sum().backward()
+    loop_thetas = thetas.clone().requires_grad_(True)
+    loop = torch.stack([outer(loop_thetas[i], {k: x[i] for k, x in data.items()}, {k: x[i] for k, x in val.items()})
+                        for i in range(TASKS)])
+    loop.sum().backward()
+    assert torch.allclose(values, loop, rtol=0, atol=1e-12)
+    assert torch.allclose(batched_thetas.grad, loop_thetas.grad, rtol=0, atol=1e-10)
