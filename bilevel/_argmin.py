@@ -77,10 +77,12 @@ def _argmin_backward(ctx, *grad_phi: torch.Tensor):
     phi_flat = torch.cat([p.detach().reshape(-1) for p in phi_leaves])
     cot_flat = torch.cat([c.detach().reshape(-1) for c in cot_leaves])
     # as bl.hypergradient does: a non-finite input never becomes a finite (zero) gradient
-    check_finite_tree(phi_flat, "phi (argmin's inner solution)", _PHI_HINT)
-    check_finite_tree(cot_flat, "the gradient reaching argmin's phi from the outer loss",
-                      "the outer loss (or what follows argmin) is not finite; check it, e.g. with "
-                      "torch.autograd.set_detect_anomaly(True)")
+    # (one read-back for both; the detailed checks run only to word the error)
+    if not in_transform() and not bool(torch.isfinite(phi_flat).all() & torch.isfinite(cot_flat).all()):
+        check_finite_tree(phi_flat, "phi (argmin's inner solution)", _PHI_HINT)
+        check_finite_tree(cot_flat, "the gradient reaching argmin's phi from the outer loss",
+                          "the outer loss (or what follows argmin) is not finite; check it, e.g. with "
+                          "torch.autograd.set_detect_anomaly(True)")
     vjp, hyper_grads, info = _core(cfg.problem, theta_flat, cfg.theta_spec, phi_flat, cfg.phi_spec, data,
                                    cot_flat, cfg.linear_solver, cfg.hvp, [h.detach() for h in hyper])
     cfg.backward_info = info
