@@ -116,7 +116,6 @@ class ImplicitInfo:
     @status.setter
     def status(self, value: LinearSolveStatus) -> None:
         self.linear_solve.status = value
-        self.linear_solve.converged = value.success
 
     @property
     def message(self) -> str:

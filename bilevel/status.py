@@ -134,3 +134,53 @@ class Status(enum.Enum):
         """True when something is wrong (warns even when a fixed budget was asked for)."""
         cls = self.warning
         return cls is not None and issubclass(cls, BreakdownWarning)
+
+
+def follows_status(cls: type) -> type:
+    """Class decorator for a result dataclass: ``converged`` and ``message`` become properties of ``status``.
+
+    ``converged`` is ``status.success`` and ``message`` is ``status.value`` (the advice), followed by
+    the result's ``detail`` where it has one (what a backend said). Both stay
+    dataclass fields, so results are still built positionally as before; a ``converged`` passed at
+    construction must agree with the status (a contradiction is a ``ValueError``), and a ``message``
+    passed is ignored: the advice always comes from the status. Neither can be assigned afterwards:
+    assign ``status``, and both follow. The dataclass calls :func:`check_given` from ``__post_init__``.
+    """
+    names = {f for f in getattr(cls, "__dataclass_fields__", {})}
+    if "converged" in names:
+        def get_converged(self) -> bool:
+            return self.status.success
+
+        def set_converged(self, value: bool) -> None:
+            if self.__dict__.get("_built"):
+                raise AttributeError(f"{type(self).__name__}.converged follows from status "
+                                     f"(status.success); assign status instead.")
+            self.__dict__["_converged_given"] = value
+
+        cls.converged = property(get_converged, set_converged,
+                                 doc="Whether the solve met its tolerance: ``status.success``.")
+    if "message" in names:
+        def get_message(self) -> str:
+            detail = getattr(self, "detail", "")
+            return f"{self.status.value} {detail}" if detail else self.status.value
+
+        def set_message(self, value: str) -> None:
+            if self.__dict__.get("_built"):
+                raise AttributeError(f"{type(self).__name__}.message is the advice of status "
+                                     f"(status.value); assign status instead, or detail to add facts.")
+
+        cls.message = property(get_message, set_message,
+                               doc="The advice attached to :attr:`status` (then ``detail``, if any).")
+    return cls
+
+
+def check_given(result: Any) -> None:
+    """In ``__post_init__`` of a :func:`follows_status` result: a ``converged`` given must agree with ``status``."""
+    given = result.__dict__.pop("_converged_given", None)
+    if not isinstance(result.status, Status):
+        raise TypeError(f"status must be a bilevel status member (e.g. bl.SolverStatus.CONVERGED), got "
+                        f"{result.status!r}.")
+    if given is not None and bool(given) != result.status.success:
+        raise ValueError(f"converged={given!r} contradicts status {result.status.name} (converged means "
+                         f"status.success); pass the status that says what happened and converged follows.")
+    result.__dict__["_built"] = True

@@ -11,7 +11,7 @@ import torch
 from .._checks import check_nonneg_float, check_positive_int
 from .._functorch import in_transform
 from .._registry import Registry
-from ..status import ConvergenceError, Status
+from ..status import ConvergenceError, Status, check_given, follows_status
 
 __all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec"]
 
@@ -48,6 +48,7 @@ class LinearSolveStatus(Status):
     )
 
 
+@follows_status
 @dataclass
 class LinearSolveInfo:
     """Diagnostics of one linear solve ``A x = b``.
@@ -61,7 +62,7 @@ class LinearSolveInfo:
     relative_residual:
         ``residual_norm / ||b||`` (0 when ``b = 0``).
     converged:
-        ``relative_residual <= tol``.
+        ``status.success`` (``relative_residual <= tol``); a property of :attr:`status`.
     status:
         A :class:`LinearSolveStatus`; its value says what to do.
     matvecs:
@@ -80,6 +81,9 @@ class LinearSolveInfo:
     matvecs: int
     solver: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_given(self)
 
     @property
     def message(self) -> str:

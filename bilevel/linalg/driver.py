@@ -1,26 +1,28 @@
-"""The iteration driver of linear solvers: a method is ``init`` and ``step``; the driver does the rest.
+"""Linear solvers written as ``init`` / ``step`` (:class:`IterativeLinearSolver`), run by the shared driver.
 
-A method written as an :class:`IterativeLinearSolver` gives the state after one more iteration
-(``step``) and, where an iteration can break down, a flag saying that its result must be
-discarded (CG: a direction of non-positive curvature). The driver owns ``max_iter``, the
-tolerance test on the residual, the non-finite check, the breakdown rule (keep the last good
-iterate) and how the steps are driven:
+A method gives the state after one more iteration (``step``) and, where an iteration can break
+down, a flag saying that its result must be discarded (CG: a direction of non-positive
+curvature). The driver (:mod:`bilevel._loop`, which the inner solvers use too) owns ``max_iter``,
+the tolerance test on the residual, the non-finite check, the breakdown rule (keep the last good
+iterate), divergence and how the steps are executed:
 
 * :meth:`IterativeLinearSolver._solve`: step by step, reading the residual back after each
-  step, so that it stops as soon as it can and reports what happened;
+  step, so that it stops as soon as it can and reports what happened; with ``tol = 0`` (a
+  fixed budget) the steps run without read-backs and the residuals are read back once, at the
+  end, with the same result;
 * :meth:`IterativeLinearSolver.solve_fixed`: exactly ``max_iter`` steps with nothing read back,
   a finished or broken-down solve frozen by a mask (``torch.where``), which runs under
-  :func:`torch.func.vmap` and without a host synchronisation on a GPU. Both run the same step,
-  so both give the same ``x``.
+  :func:`torch.func.vmap` and without a host synchronisation on a GPU. All run the same step,
+  so all give the same ``x``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .._loop import Iteration, Outcome, drive
 from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
 
 __all__ = ["LinearState", "IterativeLinearSolver"]
@@ -37,11 +39,6 @@ class LinearState:
     x: torch.Tensor
     r: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _where(mask: torch.Tensor, keep: LinearState, new: LinearState) -> LinearState:
-    return LinearState(torch.where(mask, keep.x, new.x), torch.where(mask, keep.r, new.r),
-                       {k: torch.where(mask, keep.aux[k], v) for k, v in new.aux.items()})
 
 
 class IterativeLinearSolver(LinearSolver):
@@ -95,30 +92,16 @@ class IterativeLinearSolver(LinearSolver):
                                                         extra=extra)
         state = self.init(matvec, b, x0, extra)
         matvecs += 0 if x0 is None else 1
-        rnorm = r0 = torch.linalg.vector_norm(state.r).item()
         scale = bnorm if bnorm > 0 else 1.0
-        status = LinearSolveStatus.CONVERGED if rnorm <= self.tol * scale else LinearSolveStatus.MAX_ITER
-        k = 0
-        last = state
-        while status is LinearSolveStatus.MAX_ITER and k < self.max_iter:
-            new, broke = self.step(matvec, state)
-            matvecs += 1
-            last = new
-            if broke is not None and bool(broke):
-                status = self.breakdown(new)
-                break
-            k += 1
-            state = new
-            rnorm = torch.linalg.vector_norm(state.r).item()
-            if not math.isfinite(rnorm):
-                status = LinearSolveStatus.NONFINITE
-            elif rnorm <= self.tol * scale:
-                status = LinearSolveStatus.CONVERGED
-            elif self.diverged(rnorm, r0):
-                status = LinearSolveStatus.DIVERGED
+        # tol == 0 asks for exactly max_iter steps: run them and read the residuals back once, at the end
+        run = drive(_LinearIteration(self, matvec), state, max_iter=self.max_iter, threshold=self.tol * scale,
+                    mode="deferred" if self.tol == 0.0 else "synced")
+        status = self.breakdown(run.last) if run.outcome is Outcome.BREAKDOWN else _STATUS[run.outcome]
+        matvecs += run.steps + (1 if run.outcome is Outcome.BREAKDOWN else 0)
+        rnorm = run.residuals[-1] if run.residuals else float("nan")
         rel = rnorm / bnorm if bnorm > 0 else rnorm
-        return state.x, LinearSolveInfo(k, rnorm, rel, status.success, status, matvecs,
-                                        extra={**extra, **self.extra(last)})
+        return run.state.x, LinearSolveInfo(run.steps, rnorm, rel, status.success, status, matvecs,
+                                            extra={**extra, **self.extra(run.last)})
 
     def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None,
                     flags: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -132,22 +115,37 @@ class IterativeLinearSolver(LinearSolver):
             return super().solve_fixed(matvec, b, x0, flags)
         _, _, prepared = self.prepare(matvec, b)  # a vmappable solver's prepare reads nothing back
         state = self.init(matvec, b, x0, prepared)
-        threshold = self.tol * torch.linalg.vector_norm(b)
-        done = torch.linalg.vector_norm(state.r) <= threshold
-        broke_any = torch.zeros_like(done)
-        for _ in range(self.max_iter):
-            new, broke = self.step(matvec, state)
-            if broke is not None:
-                broke_any = broke_any | (~done & broke)
-                done = done | broke
-            state = _where(done, state, new)
-            done = done | (torch.linalg.vector_norm(state.r) <= threshold)
+        run = drive(_LinearIteration(self, matvec), state, max_iter=self.max_iter,
+                    threshold=self.tol * torch.linalg.vector_norm(b), mode="masked")
         if flags is not None:
-            flags["breakdown"] = broke_any
+            broke = run.flags.get("breakdown")
+            if broke is None:
+                broke = torch.zeros((), dtype=torch.bool, device=b.device)
+            flags["breakdown"] = broke
             if self.breakdown_flag:
-                flags[self.breakdown_flag] = broke_any
-        return state.x
+                flags[self.breakdown_flag] = broke
+        return run.state.x
 
     #: The name under which :meth:`solve_fixed` also reports a breakdown in ``flags`` (CG: "negative_curvature").
     breakdown_flag: str = ""
 
+
+
+_STATUS = {Outcome.CONVERGED: LinearSolveStatus.CONVERGED, Outcome.MAX_ITER: LinearSolveStatus.MAX_ITER,
+           Outcome.NONFINITE: LinearSolveStatus.NONFINITE, Outcome.DIVERGED: LinearSolveStatus.DIVERGED}
+
+
+class _LinearIteration(Iteration):
+    """An :class:`IterativeLinearSolver` bound to its matvec, for :func:`bilevel._loop.drive`."""
+
+    def __init__(self, solver: IterativeLinearSolver, matvec: Matvec):
+        self.solver, self.matvec = solver, matvec
+
+    def step(self, state: LinearState, k: int) -> tuple[LinearState, torch.Tensor | None]:
+        return self.solver.step(self.matvec, state)
+
+    def measure(self, state: LinearState) -> tuple[torch.Tensor, None]:
+        return torch.linalg.vector_norm(state.r), None
+
+    def diverging(self, residual: float, residual0: float) -> bool:
+        return self.solver.diverged(residual, residual0)

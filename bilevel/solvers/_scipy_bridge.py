@@ -152,5 +152,5 @@ def run_minimize(solver: Solver, fun: Objective, x0: torch.Tensor, *, method: st
     result = solver.finish(fun, np_fun.to_torch(x_final), iterations, history,
                            SolverStatus.NONFINITE if nonfinite else scipy_status(res, iterations, solver.max_iter))
     if not result.converged:
-        result.message = f"{result.message} SciPy {method} stopped with: {str(res.message).strip()!r}."
+        result.detail = f"SciPy {method} stopped with: {str(res.message).strip()!r}."
     return result

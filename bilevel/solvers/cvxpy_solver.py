@@ -248,9 +248,8 @@ class CvxpySolver(Solver):
                              SolverStatus.MAX_ITER if status == cp.USER_LIMIT else SolverStatus.NOT_STATIONARY)
         if not result.converged:
             solver = stats.solver_name if stats is not None else self.solver
-            result.message = (f"{result.message} cvxpy ({solver}) returned status {status!r}; its answer is only "
-                              f"as accurate as the conic solver's tolerances: tighten them in solver_options or "
-                              f"loosen tol.")
+            result.detail = (f"cvxpy ({solver}) returned status {status!r}; its answer is only as accurate as "
+                             f"the conic solver's tolerances: tighten them in solver_options or loosen tol.")
         return result
 
     @staticmethod

@@ -1,19 +1,21 @@
-"""The iteration driver of inner solvers: :class:`IterativeSolver` (``init`` / ``step``) and its loops.
+"""Inner solvers written as ``init`` / ``step`` (:class:`IterativeSolver`), run by the shared driver.
 
-The driver owns ``max_iter``, the stopping test ``||grad_phi G|| <= tol``, the non-finite check,
-divergence detection, the history, and how the steps are driven: step by step with a read-back
-each step, without read-backs (``tol = 0`` with a fixed step: one read-back at the end), or inside
-a ``torch.func`` transform (a fixed count, nothing read back).
+The driver (:mod:`bilevel._loop`, which the linear solvers use too) owns ``max_iter``, the
+stopping test ``||grad_phi G|| <= tol``, the non-finite check, divergence, the history, and how
+the steps are executed: step by step with a read-back each step, without read-backs (``tol = 0``
+with a step that reads nothing: one read-back at the end), or inside a ``torch.func`` transform
+(a fixed count, nothing read back). This module binds a solver to its objective for the driver
+and names the driver's outcome as a :class:`SolverStatus`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .._loop import Iteration, Outcome, drive
 from .base import Solver, _require_vmappable
 from .objective import Objective
 from .result import DIVERGENCE_FACTOR, SolveResult, SolverStatus
@@ -64,99 +66,49 @@ class IterativeSolver(Solver):
         raise NotImplementedError
 
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        if fun.functional:
-            return self._run_fixed(fun, x0)
-        if self.tol == 0.0 and self.vmappable:
-            return self._run_unsynced(fun, x0)
-        state = self.init(fun, x0.detach().clone())
-        history: dict[str, list] = {"grad_norm": [], "value": []}
-        last_good = state
-        k = 0
-        while True:
-            gn = torch.linalg.vector_norm(state.grad).item()
-            val = state.value.item()
-            if not (math.isfinite(gn) and math.isfinite(val)):
-                status = SolverStatus.NONFINITE
-                state = last_good
-                break
-            history["grad_norm"].append(gn)
-            history["value"].append(val)
-            last_good = state
-            if gn <= self.tol:
-                status = SolverStatus.CONVERGED
-                break
-            if state.status is not None:
-                status = state.status
-                break
-            if k >= self.max_iter:
-                status = SolverStatus.MAX_ITER
-                break
-            state = self.step(fun, state, k)
-            for key, item in state.record.items():
-                history.setdefault(key, []).append(item)
-            k += 1
-        if status is SolverStatus.MAX_ITER and _diverged(history["grad_norm"], history["value"]):
-            status = SolverStatus.DIVERGED
-        gn = history["grad_norm"][-1] if history["grad_norm"] else float("nan")
-        val = history["value"][-1] if history["value"] else float("nan")
-        iterations = len(history["grad_norm"]) - 1 if status is not SolverStatus.NONFINITE else k
-        return SolveResult(state.x, status.success, max(iterations, 0), gn, status, status.value,
-                           history, val, self.name, fun.stats())
-
-
-    def _run_unsynced(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        """The shared loop without reading values back at every step (``tol == 0``, a fixed step size).
-
-        With ``tol == 0`` the loop runs ``max_iter`` steps unless an iterate is exactly stationary or
-        non-finite; those tests move to the device (the iterate to return is selected with
-        ``torch.where``) and the values are read back once, at the end. On a GPU this removes a host
-        synchronisation per inner step. The result is the one of the step-by-step loop: the same
-        point, status, iteration count and history. A solver's step runs unchanged: it never asks how
-        it is being driven (a step that must read values back, such as a line search, makes the
-        solver not :attr:`~bilevel.solvers.Solver.vmappable`, and this loop is not used for it).
-        """
-        state = self.init(fun, x0.detach().clone())
-        grad_norms, values, records = [], [], []
-        keep = state.x
-        alive = torch.ones((), dtype=torch.bool, device=state.x.device)
-        for k in range(self.max_iter + 1):
-            gn = torch.linalg.vector_norm(state.grad)
-            grad_norms.append(gn)
-            values.append(state.value.detach())
-            finite = torch.isfinite(gn) & torch.isfinite(state.value)
-            keep = torch.where(alive & finite, state.x, keep)
-            alive = alive & finite & (gn > self.tol)  # the loop's stopping tests, on the device
-            if k < self.max_iter:
-                state = self.step(fun, state, k)
-                records.append(state.record)
-        gns = torch.stack(grad_norms).tolist()  # the one read-back
-        vals = torch.stack(values).tolist()
-        status, last = SolverStatus.MAX_ITER, self.max_iter
-        for k, (gn, val) in enumerate(zip(gns, vals)):
-            if not (math.isfinite(gn) and math.isfinite(val)):
-                status, last = SolverStatus.NONFINITE, k
-                break
-            if gn <= self.tol:
-                status, last = SolverStatus.CONVERGED, k
-                break
-        kept = last if status is SolverStatus.NONFINITE else last + 1  # history holds finite iterates only
-        history: dict[str, list] = {"grad_norm": gns[:kept], "value": vals[:kept]}
-        if status is SolverStatus.MAX_ITER and _diverged(history["grad_norm"], history["value"]):
-            status = SolverStatus.DIVERGED
-        for record in records[:last]:  # the steps the step-by-step loop would have taken
+        it = _InnerIteration(self, fun)
+        if fun.functional:  # inside a torch.func transform: exactly max_iter steps, nothing read back
+            _require_vmappable(self)
+            run = drive(it, self.init(fun, x0), max_iter=self.max_iter, threshold=None, mode="masked")
+            status = SolverStatus.UNCHECKED
+            return SolveResult(run.state.x, False, self.max_iter, float("nan"), status, status.value, {},
+                               float("nan"), self.name, fun.stats())
+        # tol == 0 with a step that reads nothing back: run the budget and read back once, at the end
+        mode = "deferred" if self.tol == 0.0 and self.vmappable else "synced"
+        run = drive(it, self.init(fun, x0.detach().clone()), max_iter=self.max_iter, threshold=self.tol, mode=mode)
+        status = run.halt if run.outcome is Outcome.HALTED else _STATUS[run.outcome]
+        history: dict[str, list] = {"grad_norm": run.residuals, "value": run.values}
+        for record in run.records:
             for key, item in record.items():
                 history.setdefault(key, []).append(item)
-        gn = history["grad_norm"][-1] if kept else float("nan")
-        val = history["value"][-1] if kept else float("nan")
-        return SolveResult(keep, status.success, last, gn, status, status.value, history, val, self.name,
-                           fun.stats())
-
-    def _run_fixed(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
-        """Inside a torch.func transform: exactly ``max_iter`` steps, no convergence test, no read-back."""
-        _require_vmappable(self)
-        state = self.init(fun, x0)
-        for k in range(self.max_iter):
-            state = self.step(fun, state, k)
-        status = SolverStatus.UNCHECKED
-        return SolveResult(state.x, False, self.max_iter, float("nan"), status, status.value, {}, float("nan"),
+        gn = run.residuals[-1] if run.residuals else float("nan")
+        val = run.values[-1] if run.values else float("nan")
+        return SolveResult(run.state.x, status.success, run.steps, gn, status, status.value, history, val,
                            self.name, fun.stats())
+
+
+_STATUS = {Outcome.CONVERGED: SolverStatus.CONVERGED, Outcome.MAX_ITER: SolverStatus.MAX_ITER,
+           Outcome.NONFINITE: SolverStatus.NONFINITE, Outcome.DIVERGED: SolverStatus.DIVERGED,
+           Outcome.BREAKDOWN: SolverStatus.NONFINITE}
+
+
+class _InnerIteration(Iteration):
+    """An :class:`IterativeSolver` bound to its objective, for :func:`bilevel._loop.drive`."""
+
+    def __init__(self, solver: IterativeSolver, fun: Objective):
+        self.solver, self.fun = solver, fun
+
+    def step(self, state: SolverState, k: int) -> tuple[SolverState, None]:
+        return self.solver.step(self.fun, state, k), None
+
+    def measure(self, state: SolverState) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.linalg.vector_norm(state.grad), state.value.detach()
+
+    def halt(self, state: SolverState) -> SolverStatus | None:
+        return state.status
+
+    def record(self, state: SolverState) -> dict:
+        return state.record
+
+    def diverged(self, residuals: list[float], values: list[float]) -> bool:
+        return _diverged(residuals, values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..status import ConvergenceError, Status
+from ..status import ConvergenceError, Status, check_given, follows_status
 
 __all__ = ["SolverStatus", "SolveResult", "DIVERGENCE_FACTOR"]
 
@@ -47,6 +47,7 @@ class SolverStatus(Status):
 DIVERGENCE_FACTOR = 10.0
 
 
+@follows_status
 @dataclass
 class SolveResult:
     """The outcome of an inner solve; every solver returns one.
@@ -57,7 +58,7 @@ class SolveResult:
         The solution, in the structure of ``phi0`` (detached; use
         :func:`bilevel.argmin` for a ``phi`` that carries gradients).
     converged:
-        ``grad_norm <= tol``.
+        ``status.success`` (``grad_norm <= tol``); a property of :attr:`status`.
     iterations:
         Iterations performed.
     grad_norm:
@@ -65,7 +66,8 @@ class SolveResult:
     status:
         A :class:`SolverStatus`; :attr:`message` says what to do about it.
     message:
-        Human-readable advice for :attr:`status`.
+        Human-readable advice for :attr:`status` (``status.value``, then
+        :attr:`detail`; a property).
     history:
         ``{"grad_norm": [...], "value": [...]}`` per iterate (as available), plus
         solver-specific per-step lists (e.g. ``step_size``).
@@ -80,6 +82,9 @@ class SolveResult:
         For a result from ``bl.argmin(..., full_output=True)``: the
         :class:`bilevel.ImplicitInfo` of the implicit backward pass once it
         has run (HVPs spent, linear-solve status), else ``None``.
+    detail:
+        What the solver's backend said, where it said more than the status
+        (SciPy's or cvxpy's own message); appended to :attr:`message`.
     """
 
     phi: Any
@@ -93,6 +98,10 @@ class SolveResult:
     solver: str = ""
     stats: dict[str, int] = field(default_factory=dict)
     backward: Any = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        check_given(self)
 
     def raise_if_failed(self) -> "SolveResult":
         """Raise :class:`bilevel.ConvergenceError` unless the solve converged; return ``self``."""

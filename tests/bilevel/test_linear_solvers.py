@@ -70,3 +70,82 @@ def test_argmin_backward_agrees_with_finite_differences(linear_name):
     fd = (F(h) - F(-h)) / (2 * h)
     analytic = float(bl.tree.dot(bl.tree.map(lambda t: t.grad, theta), direction))
     assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic))
+
+
+# ------------------------------------------------ tol=0: the shared driver reads back once, with the loop's result
+
+#: options giving each registered iterative linear solver a fixed budget that runs without any read-back
+FIXED_BUDGET = {"cg": {}, "neumann": {"step_size": 0.01}}
+
+
+def _fixed_and_stepwise(name, matvec, b, max_iter, **options):
+    """The same solver with tol=0 (one read-back, at the end) and with a tol no residual reaches (step by step)."""
+    opts = {**FIXED_BUDGET[name], **options, "max_iter": max_iter, "warn": False}
+    fast = bl.linalg.get(name, tol=0.0, **opts)(matvec, b)
+    slow = bl.linalg.get(name, tol=1e-300, **opts)(matvec, b)
+    return fast, slow
+
+
+def _same(fast, slow):
+    (xf, inf_), (xs, ins) = fast, slow
+    assert torch.equal(xf, xs)
+    for field in ("iterations", "residual_norm", "relative_residual", "converged", "status", "matvecs", "extra"):
+        assert getattr(inf_, field) == getattr(ins, field), field
+
+
+def test_every_iterative_linear_solver_has_a_fixed_budget_setting():
+    iterative = [n for n in LINEAR if isinstance(bl.linalg.get(n), bl.linalg.IterativeLinearSolver)]
+    assert sorted(FIXED_BUDGET) == sorted(iterative)
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_BUDGET))
+@pytest.mark.parametrize("max_iter", [1, 5, 40])
+def test_tol_zero_reads_back_once_and_equals_the_step_by_step_solve(name, max_iter, monkeypatch):
+    A = bl.testing.random_spd(30, 50.0, seed=3)
+    b = torch.linspace(-1.0, 1.0, 30, dtype=A.dtype)
+    reads = []
+    for attr in ("item", "__float__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, attr)
+
+        def counted(self, *a, _original=original, _attr=attr, **k):
+            reads.append(_attr)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, attr, counted)
+    bl.linalg.get(name, tol=0.0, max_iter=max_iter, **FIXED_BUDGET[name])(lambda v: A @ v, b)
+    # ||b||, the residuals at the end and the method's facts for info.extra: not one per step
+    assert len(reads) <= 3, f"{len(reads)} read-backs for {max_iter} steps: {reads[:8]}"
+    monkeypatch.undo()
+    _same(*_fixed_and_stepwise(name, lambda v: A @ v, b, max_iter))
+
+
+def test_tol_zero_cg_stops_like_the_loop_at_negative_curvature_an_exact_solution_and_nan():
+    d = torch.tensor([3.0, 1.0, -2.0, 0.5], dtype=torch.float64)
+    b = torch.ones(4, dtype=torch.float64)
+    with pytest.warns(bl.NegativeCurvatureWarning):
+        fast, slow = _fixed_and_stepwise("cg", lambda v: d * v, b, 10)
+    assert fast[1].status is bl.LinearSolveStatus.NEGATIVE_CURVATURE and fast[1].extra["min_curvature"] < 0
+    _same(fast, slow)
+    fast, slow = _fixed_and_stepwise("cg", lambda v: 2.0 * v, b, 10)  # solved exactly by the first step
+    assert fast[1].status is bl.LinearSolveStatus.CONVERGED and fast[1].iterations == 1
+    _same(fast, slow)
+    calls = []
+
+    def poisoned(v):  # finite for three products, then NaN
+        calls.append(1)
+        return d.abs() * v * (float("nan") if len(calls) > 3 else 1.0)
+    with pytest.warns(bl.NonFiniteWarning):
+        fast = bl.linalg.get("cg", tol=0.0, max_iter=10)(poisoned, b)
+    calls.clear()
+    with pytest.warns(bl.NonFiniteWarning):
+        slow = bl.linalg.get("cg", tol=1e-300, max_iter=10)(poisoned, b)
+    assert fast[1].status is bl.LinearSolveStatus.NONFINITE and torch.isfinite(fast[0]).all()
+    _same(fast, slow)
+
+
+def test_tol_zero_neumann_stops_like_the_loop_when_it_diverges():
+    d = torch.tensor([1.0, 5.0, 30.0], dtype=torch.float64)
+    with pytest.warns(bl.DivergenceWarning):
+        fast, slow = _fixed_and_stepwise("neumann", lambda v: d * v, torch.ones(3, dtype=torch.float64), 200,
+                                         step_size=0.1)  # 0.1 > 2 / 30
+    assert fast[1].status is bl.LinearSolveStatus.DIVERGED and fast[1].iterations < 200
+    _same(fast, slow)

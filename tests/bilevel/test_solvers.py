@@ -253,3 +253,28 @@ def test_tol_zero_stops_like_the_loop_at_an_exact_stationary_point_and_at_overfl
     assert fast.status is slow.status is bl.SolverStatus.NONFINITE
     assert fast.iterations == slow.iterations and torch.equal(fast.phi, slow.phi)
     assert torch.isfinite(fast.phi).all() and fast.history == slow.history
+
+
+@pytest.mark.parametrize("kind", ["inner", "linear"])
+def test_converged_and_message_follow_the_status(kind):
+    if kind == "inner":
+        result = bl.SolveResult(torch.zeros(2), False, 3, 1.0, bl.SolverStatus.MAX_ITER, "", {})
+        other, contradiction = bl.SolverStatus.CONVERGED, lambda: bl.SolveResult(
+            torch.zeros(2), True, 3, 1.0, bl.SolverStatus.MAX_ITER, "", {})
+    else:
+        result = bl.linalg.LinearSolveInfo(3, 1.0, 0.5, False, bl.LinearSolveStatus.MAX_ITER, 3)
+        other, contradiction = bl.LinearSolveStatus.CONVERGED, lambda: bl.linalg.LinearSolveInfo(
+            3, 1.0, 0.5, True, bl.LinearSolveStatus.MAX_ITER, 3)
+    assert not result.converged and result.message == result.status.value
+    result.status = other  # one assignment, and both derived fields follow
+    assert result.converged and result.message == other.value
+    with pytest.raises(AttributeError, match="assign status instead"):
+        result.converged = False
+    with pytest.raises(ValueError, match="converged=True contradicts status MAX_ITER"):
+        contradiction()
+
+
+def test_a_backend_detail_is_appended_to_the_advice():
+    result = bl.SolveResult(torch.zeros(2), False, 3, 1.0, bl.SolverStatus.MAX_ITER, "", {})
+    result.detail = "the backend said: stop."
+    assert result.message == f"{bl.SolverStatus.MAX_ITER.value} the backend said: stop."
