@@ -13,8 +13,9 @@ the steps are executed. There are three ways, and a method's step never asks whi
     Exactly ``max_iter`` steps with the measurements kept on the device and read back once, at
     the end (on a GPU: one host synchronisation instead of one per step). The read-back is
     analysed with the synced loop's rules, so the result is the synced loop's: the same state,
-    outcome, step count and history. Should the run have stopped earlier (a non-finite value, a
-    divergence, an exactly solved problem), the steps are replayed from the start up to that point.
+    outcome, step count and history. Should the run have stopped earlier (a breakdown, a non-finite
+    value, a divergence, an exactly solved problem), the steps are replayed from the start up to
+    that point: extra work only in those rare cases, none in the common one.
 ``"masked"``
     Inside a :mod:`torch.func` transform (e.g. :func:`torch.func.vmap` over tasks), where nothing
     can be read back: exactly ``max_iter`` steps, a solve that reached the threshold or broke down
@@ -55,7 +56,9 @@ class Iteration:
         """One step from ``state`` (the ``k``-th): ``(next state, breakdown)``.
 
         ``breakdown`` is a 0-d bool tensor (True: discard this step and stop) or None. A step that
-        may run deferred or masked must not read values back (no ``float()``, ``bool()``, ``.item()``).
+        may run deferred or masked must not read values back (no ``float()``, ``bool()``, ``.item()``),
+        and must be a function of its state (the same state gives the same step): a deferred run
+        that stopped early replays its steps.
         """
         raise NotImplementedError
 
@@ -159,8 +162,7 @@ def _synced(it: Iteration, state: Any, max_iter: int, threshold: float) -> Run:
 def _deferred(it: Iteration, state: Any, max_iter: int, threshold: float) -> Run:
     start = state
     res_t, val_t, records = [], [], []
-    broken = None  # cumulative: a discarded step freezes the state from then on, as synced stops there
-    breaks = []
+    breaks = []  # a step flagged here is not frozen out: the analysis stops before it, and the state is replayed
     for k in range(max_iter + 1):
         res, val = it.measure(state)
         res_t.append(res)
@@ -170,9 +172,7 @@ def _deferred(it: Iteration, state: Any, max_iter: int, threshold: float) -> Run
             break
         new, broke = it.step(state, k)
         if broke is not None:
-            broken = broke if broken is None else broken | broke
             breaks.append(broke)
-            new = _freeze(broken, state, new)
         records.append(it.record(new))
         state = new
     res = torch.stack(res_t)
@@ -207,13 +207,11 @@ def _deferred(it: Iteration, state: Any, max_iter: int, threshold: float) -> Run
         if it.diverged(residuals, values):
             outcome = Outcome.DIVERGED
         return Run(state, state, k, outcome, residuals, values, records)
-    if outcome is Outcome.BREAKDOWN:  # the state is frozen at the k-th; recompute the discarded step
-        last, _ = it.step(state, k)
-        return Run(state, last, k, outcome, residuals, values, records[:k])
-    # stopped early: replay up to the state to report (the last finite one for a non-finite stop)
+    # stopped early: replay up to the state to report (the last finite one for a non-finite stop), and
+    # the step after it where that step is the method's evidence (the discarded step of a breakdown)
     keep = k - 1 if outcome is Outcome.NONFINITE else k
     good = _replay(it, start, 0, keep)
-    last = _replay(it, good, keep, 1) if outcome is Outcome.NONFINITE else good
+    last = _replay(it, good, keep, 1) if outcome in (Outcome.NONFINITE, Outcome.BREAKDOWN) else good
     return Run(good, last, k, outcome, residuals, values, records[:k])
 
 
@@ -240,14 +238,20 @@ def _masked(it: Iteration, state: Any, max_iter: int, threshold: float | torch.T
     return Run(state, state, max_iter, Outcome.UNCHECKED, flags=flags)
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _freeze(mask: torch.Tensor, keep: Any, new: Any) -> Any:
     """``new`` with every tensor replaced by ``keep``'s where ``mask`` holds (a dataclass state)."""
+    names = _FIELDS.get(type(new))
+    if names is None:
+        names = _FIELDS[type(new)] = tuple(f.name for f in dataclasses.fields(new))
     changes = {}
-    for f in dataclasses.fields(new):
-        a, b = getattr(keep, f.name), getattr(new, f.name)
+    for name in names:
+        a, b = getattr(keep, name), getattr(new, name)
         if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor):
-            changes[f.name] = torch.where(mask, a, b)
+            changes[name] = torch.where(mask, a, b)
         elif isinstance(b, dict) and isinstance(a, dict):
-            changes[f.name] = {key: torch.where(mask, a[key], v) if isinstance(v, torch.Tensor)
+            changes[name] = {key: torch.where(mask, a[key], v) if isinstance(v, torch.Tensor)
                                and isinstance(a.get(key), torch.Tensor) else v for key, v in b.items()}
     return dataclasses.replace(new, **changes)

@@ -68,10 +68,8 @@ class CG(IterativeLinearSolver):
         p, rs = state.aux["p"], state.aux["rs"]
         Ap = matvec(p)
         pAp = torch.dot(p, Ap)
-        pp = torch.dot(p, p)
-        seen = torch.where(pp > 0, pAp / torch.where(pp > 0, pp, torch.ones_like(pp)), torch.full_like(pp, math.inf))
-        curvature = torch.where(torch.isfinite(seen), torch.minimum(state.aux["curvature"], seen),
-                                state.aux["curvature"])
+        # the smallest Rayleigh quotient seen; fmin skips the NaN of p = 0 (a finished solve stepped on when masked)
+        curvature = torch.fmin(state.aux["curvature"], pAp / torch.dot(p, p))
         alpha = rs / pAp
         x = state.x + alpha * p
         r = state.r - alpha * Ap
