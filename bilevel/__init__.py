@@ -17,6 +17,8 @@ from .implicit import ImplicitInfo, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
 from .problem import InnerProblem, PredictionLoss, ProximalProblem
 from .solvers import SolveResult, SolverStatus, register_solver, solve
+from . import roots
+from .roots import CompositeProblem, FixedPointProblem, RootProblem, RootResult, RootStatus, root, solve_root
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,14 @@ __all__ = [
     "PredictionLoss",
     "solve",
     "argmin",
+    "RootProblem",
+    "FixedPointProblem",
+    "CompositeProblem",
+    "root",
+    "solve_root",
+    "RootResult",
+    "RootStatus",
+    "roots",
     "implicit_vjp",
     "hypergradient",
     "register_solver",

@@ -100,6 +100,7 @@ class ConvergenceError(RuntimeError):
 _WARNINGS: dict[str, type[ConvergenceWarning]] = {
     "MAX_ITER": BudgetWarning,
     "NOT_STATIONARY": BudgetWarning,
+    "NOT_A_ROOT": BudgetWarning,
     "NONFINITE": NonFiniteWarning,
     "DIVERGED": DivergenceWarning,
     "NEGATIVE_CURVATURE": NegativeCurvatureWarning,

@@ -138,7 +138,11 @@ class CvxpySolver(Solver):
     from ``G`` through the implicit function theorem at that ``phi``, and
     ``converged`` means ``||grad_phi G|| <= tol`` there, the test every
     solver answers to. Hence ``G`` must be smooth and strongly convex near
-    the solution; constraints of the cvxpy program must not be active there.
+    the solution; constraints of the cvxpy program must not be active there. For constraints that
+    bind, write the problem as a :class:`bilevel.CompositeProblem` whose regulariser is the
+    constraint set (``bl.prox.Box``, ``bl.prox.Simplex``, ...) and solve it with the root solver
+    ``"cvxpy"`` (:class:`bilevel.roots.CvxpyRootSolver`): :func:`bilevel.root` then differentiates the
+    projected fixed point, which is exact with active constraints.
 
     A conic solver's answer is only as accurate as its own tolerances
     (about ``1e-8`` by default, relative to the problem's scale), so either
@@ -216,6 +220,18 @@ class CvxpySolver(Solver):
                 "solver_options": self.solver_options, "max_iter": self.max_iter, "tol": self.tol}
 
     def run(self, fun: Objective, x0: torch.Tensor) -> SolveResult:
+        x, status, iterations, detail = self.solve_point(fun, x0)
+        result = self.finish(fun, x, iterations, {}, SolverStatus.MAX_ITER if status == "user_limit"
+                             else SolverStatus.NOT_STATIONARY)
+        if not result.converged:
+            result.detail = detail
+        return result
+
+    def solve_point(self, fun: Any, x0: torch.Tensor) -> tuple[torch.Tensor, str, int, str]:
+        """Run cvxpy: ``(flat phi, cvxpy's status, iterations, what to say if the point is not accepted)``.
+
+        ``fun`` needs ``theta``, ``data`` and ``spec`` (an inner objective or a root objective).
+        """
         cp = _import_cvxpy()
         theta_spec = _tree.tree_spec(fun.theta, "theta")
         theta_np = _tree.from_leaves(theta_spec, [t.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -244,16 +260,13 @@ class CvxpySolver(Solver):
         x = self._to_flat(values, fun, x0)
         stats = problem.solver_stats
         iterations = int(stats.num_iters) if stats is not None and stats.num_iters is not None else 0
-        result = self.finish(fun, x, iterations, {},
-                             SolverStatus.MAX_ITER if status == cp.USER_LIMIT else SolverStatus.NOT_STATIONARY)
-        if not result.converged:
-            solver = stats.solver_name if stats is not None else self.solver
-            result.detail = (f"cvxpy ({solver}) returned status {status!r}; its answer is only as accurate as "
-                             f"the conic solver's tolerances: tighten them in solver_options or loosen tol.")
-        return result
+        solver = stats.solver_name if stats is not None else self.solver
+        detail = (f"cvxpy ({solver}) returned status {status!r}; its answer is only as accurate as the conic "
+                  f"solver's tolerances: tighten them in solver_options or loosen tol.")
+        return x, status, iterations, detail
 
     @staticmethod
-    def _to_flat(values: Any, fun: Objective, x0: torch.Tensor) -> torch.Tensor:
+    def _to_flat(values: Any, fun: Any, x0: torch.Tensor) -> torch.Tensor:
         spec = _tree.tree_spec(values, "the cvxpy variable")
         if _tree.same_structure(spec, fun.spec):
             flat, _ = _tree.flatten(values, "the cvxpy variable")
