@@ -49,6 +49,8 @@ class AcceleratedGradientDescent(IterativeSolver):
         Maximum number of iterations. Default 500.
     tol:
         Stop when ``||grad_phi G|| <= tol`` at the iterate ``phi_k``. Default 1e-6.
+    rtol:
+        Also stop when ``||grad_phi G|| <= rtol ||grad_phi G(phi0)||`` (units-free). Default 0.
     restart:
         With the ``t_k`` schedule, reset the momentum (``t = 1``) whenever
         ``<grad G(y_k), phi_{k+1} - phi_k> > 0``, i.e. when the momentum points
@@ -111,8 +113,8 @@ class AcceleratedGradientDescent(IterativeSolver):
 
     def __init__(self, *, step_size: float | None = None, mu: float | None = None,
                  smoothness: float | None = None, max_iter: int = 500, tol: float = 1e-6, restart: bool = True,
-                 growth: float = 1.1, shrink: float = 0.5, max_backtracks: int = 40):
-        super().__init__(max_iter=max_iter, tol=tol)
+                 growth: float = 1.1, shrink: float = 0.5, max_backtracks: int = 40, rtol: float = 0.0):
+        super().__init__(max_iter=max_iter, tol=tol, rtol=rtol)
         self.step_size = None if step_size is None else check_nonneg_float(step_size, "step_size", positive=True)
         self.mu = None if mu is None else check_nonneg_float(mu, "mu", positive=True)
         self.smoothness = None if smoothness is None else check_nonneg_float(smoothness, "smoothness",

@@ -52,13 +52,18 @@ class Solver:
         Maximum number of iterations.
     tol:
         Tolerance on the stationarity residual ``||grad_phi G||``.
+    rtol:
+        Tolerance relative to the start (iterative solvers): stop when ``||grad_phi G|| <= max(tol,
+        rtol ||grad_phi G(phi0)||)``, a test that does not depend on the units of ``G``. Default 0
+        (the absolute ``tol`` alone).
     """
 
     name = "solver"
 
-    def __init__(self, *, max_iter: int = 500, tol: float = 1e-6):
+    def __init__(self, *, max_iter: int = 500, tol: float = 1e-6, rtol: float = 0.0):
         self.max_iter = check_positive_int(max_iter, "max_iter", allow_zero=True)
         self.tol = check_nonneg_float(tol, "tol")
+        self.rtol = check_nonneg_float(rtol, "rtol")
 
     @property
     def vmappable(self) -> bool:
@@ -86,7 +91,10 @@ class Solver:
         return SolveResult(x, st.success, iterations, gn, st, st.value, history or {}, v, self.name, fun.stats())
 
     def _options(self) -> dict[str, Any]:
-        return {"max_iter": self.max_iter, "tol": self.tol}
+        opts = {"max_iter": self.max_iter, "tol": self.tol}
+        if getattr(self, "rtol", 0.0):
+            opts["rtol"] = self.rtol
+        return opts
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._options().items())})"

@@ -74,8 +74,12 @@ class IterativeSolver(Solver):
             return SolveResult(run.state.x, False, self.max_iter, float("nan"), status, status.value, {},
                                float("nan"), self.name, fun.stats())
         # tol == 0 with a step that reads nothing back: run the budget and read back once, at the end
-        mode = "deferred" if self.tol == 0.0 and self.vmappable else "synced"
-        run = drive(it, self.init(fun, x0.detach().clone()), max_iter=self.max_iter, threshold=self.tol, mode=mode)
+        state = self.init(fun, x0.detach().clone())
+        threshold = self.tol
+        if self.rtol > 0:  # relative to the start: units-free
+            threshold = max(self.tol, self.rtol * torch.linalg.vector_norm(state.grad).item())
+        mode = "deferred" if threshold == 0.0 and self.vmappable else "synced"
+        run = drive(it, state, max_iter=self.max_iter, threshold=threshold, mode=mode)
         status = run.halt if run.outcome is Outcome.HALTED else _STATUS[run.outcome]
         history: dict[str, list] = {"grad_norm": run.residuals, "value": run.values}
         for record in run.records:

@@ -31,6 +31,8 @@ class GradientDescent(IterativeSolver):
         Maximum number of iterations. Default 500.
     tol:
         Stop when ``||grad_phi G|| <= tol``. Default 1e-6.
+    rtol:
+        Also stop when ``||grad_phi G|| <= rtol ||grad_phi G(phi0)||`` (units-free). Default 0.
     armijo:
         Sufficient-decrease constant ``c`` in ``(0, 1)``. Default 1e-4.
     shrink:
@@ -64,8 +66,9 @@ class GradientDescent(IterativeSolver):
     """
 
     def __init__(self, *, step_size: float | None = None, max_iter: int = 500, tol: float = 1e-6,
-                 armijo: float = 1e-4, shrink: float = 0.5, growth: float = 1.25, max_backtracks: int = 40):
-        super().__init__(max_iter=max_iter, tol=tol)
+                 armijo: float = 1e-4, shrink: float = 0.5, growth: float = 1.25, max_backtracks: int = 40,
+                 rtol: float = 0.0):
+        super().__init__(max_iter=max_iter, tol=tol, rtol=rtol)
         self.step_size = None if step_size is None else check_nonneg_float(step_size, "step_size", positive=True)
         self.armijo = check_nonneg_float(armijo, "armijo", positive=True)
         self.shrink = check_nonneg_float(shrink, "shrink", positive=True)

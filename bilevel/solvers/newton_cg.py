@@ -31,6 +31,8 @@ class NewtonCG(IterativeSolver):
         Maximum number of Newton iterations. Default 50.
     tol:
         Stop when ``||grad_phi G|| <= tol``. Default 1e-6.
+    rtol:
+        Also stop when ``||grad_phi G|| <= rtol ||grad_phi G(phi0)||`` (units-free). Default 0.
     cg_max_iter:
         CG iterations (Hessian-vector products) per Newton step. Default 5,
         the paper's value for iMAML-HF; raise it for a more exact Newton step.
@@ -103,8 +105,9 @@ class NewtonCG(IterativeSolver):
     """
 
     def __init__(self, *, max_iter: int = 50, tol: float = 1e-6, cg_max_iter: int = 5, cg_tol: float | None = None,
-                 damping: float = 0.0, armijo: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 30):
-        super().__init__(max_iter=max_iter, tol=tol)
+                 damping: float = 0.0, armijo: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 30,
+                 rtol: float = 0.0):
+        super().__init__(max_iter=max_iter, tol=tol, rtol=rtol)
         self.cg_max_iter = check_positive_int(cg_max_iter, "cg_max_iter")
         self.cg_tol = None if cg_tol is None else check_nonneg_float(cg_tol, "cg_tol")
         if self.cg_tol is not None and not self.cg_tol < 1:

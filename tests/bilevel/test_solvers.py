@@ -278,3 +278,17 @@ def test_a_backend_detail_is_appended_to_the_advice():
     result = bl.SolveResult(torch.zeros(2), False, 3, 1.0, bl.SolverStatus.MAX_ITER, "", {})
     result.detail = "the backend said: stop."
     assert result.message == f"{bl.SolverStatus.MAX_ITER.value} the backend said: stop."
+
+
+@pytest.mark.parametrize("name", ["gd", "agd", "newton_cg"])
+def test_rtol_makes_the_stopping_test_independent_of_the_units(name):
+    """Scaling G by 1e6 changes what an absolute tol means, not what a relative one means."""
+    ref = bl.testing.ridge_regression(seed=0)
+    for scale in (1.0, 1e6):
+        problem = bl.InnerProblem(lambda phi, theta, data, s=scale: s * ref.problem(phi, theta, data))
+        res = bl.solve(problem, ref.theta, ref.data, solver=bl.solvers.get(name, tol=0.0, rtol=1e-6, max_iter=5000),
+                       phi0=ref.phi0)
+        start, end = res.history["grad_norm"][0], res.grad_norm
+        assert res.converged and end <= 1e-6 * start
+        assert res.history["grad_norm"][-2] > 1e-6 * start  # it stopped at the first iterate below the threshold
+    assert "rtol=1e-06" in repr(bl.solvers.get(name, rtol=1e-6))
