@@ -31,3 +31,23 @@ def test_quickstart_prints_matching_hypergradients():
     assert exact == implicit
     err = float(re.search(r"iMAML, CG to tol 1e-14\s+(\S+)", out).group(1))
     assert err < 1e-8
+
+
+def test_the_lasso_port_agrees_with_the_closed_form_and_shows_the_smooth_error():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "lasso_implicit_diff.py")], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.strip().splitlines()[1:]]
+    assert len(rows) == 2
+    for theta, nonzero, composite, exact, naive in rows:
+        assert abs(float(composite) - float(exact)) <= 1e-6 * max(1.0, abs(float(exact)))
+        if 0 < int(nonzero) < 20:  # exact zeros: treating |w| as smooth is wrong there
+            assert abs(float(naive) - float(exact)) > 1e-3 * max(1.0, abs(float(exact)))
+
+
+def test_the_fixed_point_port_agrees_with_unrolling_and_finite_differences():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "fixed_point_deq.py")], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    assert "forward: CONVERGED" in out
+    unrolled = float(re.search(r"max \|implicit - unrolled\|\s*= (\S+)", out).group(1))
+    fd = float(re.search(r"max \|implicit - finite diff.\|\s*= (\S+)", out).group(1))
+    assert unrolled < 1e-8 and fd < 1e-6
