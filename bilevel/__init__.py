@@ -8,7 +8,7 @@
     outer_loss(phi).backward()                         # theta.grad via the implicit function theorem
 """
 
-from . import bounds, linalg, solvers, status, testing, tree, unrolled
+from . import bounds, linalg, prox, solvers, status, testing, tree, unrolled
 from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
@@ -56,6 +56,7 @@ __all__ = [
     "status",
     "bounds",
     "linalg",
+    "prox",
     "solvers",
     "testing",
     "tree",
