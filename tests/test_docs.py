@@ -81,7 +81,8 @@ def public_modules() -> list[str]:
 def test_the_html_site_builds_without_warnings(html):
     for page in ("index.html", "getting_started.html", "concepts.html", "inner_solvers.html",
                  "linear_solvers.html", "error_bounds.html", "api.html",
-                 "tutorials/hyperparameters.html", "tutorials/custom_solvers.html"):
+                 "tutorials/hyperparameters.html", "tutorials/custom_solvers.html", "tutorials/lasso.html",
+                 "tutorials/constrained_qp.html", "tutorials/deep_equilibrium.html"):
         assert (html / page).is_file(), page
 
 
@@ -126,6 +127,7 @@ def test_the_pages_code_examples_and_tutorials_run(html, build_dir):
     assert proc.returncode == 0, "sphinx-build -b doctest failed:\n" + report[-6000:] + failure_report(proc)
     # every page with examples ran them, the tutorials included
     for page in ("getting_started", "concepts", "inner_solvers", "linear_solvers", "error_bounds",
-                 "tutorials/hyperparameters", "tutorials/custom_solvers"):
+                 "tutorials/hyperparameters", "tutorials/custom_solvers", "tutorials/lasso",
+                 "tutorials/constrained_qp", "tutorials/deep_equilibrium"):
         assert f"Document: {page}\n" in report, f"no examples of {page} ran"
     assert re.search(r"\n\s+0 failures in tests", report), report[-3000:]
