@@ -14,6 +14,7 @@ the tree, as *views* of the vector (no copy). The small helpers :func:`dot`,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Union
@@ -60,12 +61,12 @@ class TreeSpec:
     shapes: tuple[torch.Size, ...]
     paths: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def numels(self) -> tuple[int, ...]:
         """The number of elements of every leaf."""
         return tuple(math.prod(s) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """The total number of elements, i.e. the length of the flat vector."""
         return sum(self.numels)
@@ -212,7 +213,11 @@ def unflatten(vector: torch.Tensor, spec: TreeSpec) -> Tree:
             f"expected a 1-D vector of length {spec.size} for {spec.describe()}, "
             f"got shape {tuple(vector.shape)}."
         )
-    parts = torch.split(vector, list(spec.numels)) if spec.num_leaves > 1 else (vector,)
+    if len(spec.shapes) == 1:  # one leaf: a view only where its shape is not already the vector's
+        shape = spec.shapes[0]
+        tensors = [vector if len(shape) == 1 else vector.view(shape)]
+        return tensors[0] if spec.structure is None else from_leaves(spec, tensors)
+    parts = torch.split(vector, list(spec.numels))
     tensors = [p.view(s) for p, s in zip(parts, spec.shapes)]
     return from_leaves(spec, tensors)
 
