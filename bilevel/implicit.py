@@ -136,7 +136,10 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
         # inside torch.func transforms (vmap over tasks) "reverse" runs as "forward"
         lin = linearize(problem, phi_flat, phi_spec, theta_flat, theta_spec, data, hyper, hvp)
         b = cotangent.detach()
-        v, linfo = linear_solver(lin.hvp, b, x0)
+        # the Hessian is symmetric (the Gauss-Newton matrix too): its transposed product is itself, which a
+        # solver on the normal equations needs; the others are called as they always were
+        transposed = {"rmatvec": lin.hvp} if linear_solver.needs_rmatvec else {}
+        v, linfo = linear_solver(lin.hvp, b, x0, **transposed)
         true_res = None
         if check_residual:
             true_res = torch.linalg.vector_norm(b - lin.hvp(v.detach())).item()

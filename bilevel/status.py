@@ -10,8 +10,8 @@ Every family of solves (inner solvers, linear solvers) reports a member of an en
 * ``DIVERGED``: the iteration grew instead of converging (a :class:`DivergenceWarning`);
 * ``UNCHECKED``: the solve ran inside a ``torch.func`` transform, where nothing can be checked.
 
-Each family adds its own breakdowns (``NEGATIVE_CURVATURE`` for linear solves, ``LINE_SEARCH_FAILED``
-and ``NOT_STATIONARY`` for inner solves). A member's value is the advice for the user; its
+Each family adds its own breakdowns (``NEGATIVE_CURVATURE`` and ``BREAKDOWN`` for linear solves,
+``LINE_SEARCH_FAILED`` and ``NOT_STATIONARY`` for inner solves). A member's value is the advice for the user; its
 :attr:`~Status.warning` is the warning class a solve that ends with it emits.
 
 Warnings carry what was measured: ``warning.status`` (the member) and ``warning.info`` (the
@@ -105,6 +105,7 @@ _WARNINGS: dict[str, type[ConvergenceWarning]] = {
     "DIVERGED": DivergenceWarning,
     "NEGATIVE_CURVATURE": NegativeCurvatureWarning,
     "LINE_SEARCH_FAILED": LineSearchWarning,
+    "BREAKDOWN": BreakdownWarning,  # a Krylov method's division by zero (BiCGStab, normal-equations CG)
 }
 
 

@@ -1,12 +1,20 @@
 """Hessian-vector products and linear solvers on matvec closures.
 
 Every linear solver is called as ``solver(matvec, b, x0=None) -> (x, info)``
-with ``info`` a :class:`LinearSolveInfo`. Build one with :func:`get`.
+with ``info`` a :class:`LinearSolveInfo` (``"normal_cg"`` also needs
+``rmatvec=``, the transposed product). Build one with :func:`get`; for a
+symmetric positive definite ``A`` use ``"cg"``, for a symmetric indefinite one
+``"minres"``, for a non-symmetric one ``"gmres"``, ``"bicgstab"`` or
+``"normal_cg"`` (:func:`default_solver` names ``"cg"`` or ``"gmres"``).
 """
 
 from .base import LinearSolveInfo, LinearSolver, LinearSolveStatus, Matvec
-from .registry import available, get, register
+from .registry import available, default_solver, get, register
+from .bicgstab import BiCGStab
 from .cg import CG, cg
+from .gmres import GMRES
+from .minres import MINRES
+from .normal_cg import NormalCG
 from .driver import IterativeLinearSolver, LinearState
 from .eig import CurvatureEstimate, lanczos, power_iteration
 from .hvp import DEFAULT_HVP_MODE, EXACT_HVP_MODES, GAUSS_NEWTON_MODES, HVP_MODES, Linearization, hvp
@@ -20,12 +28,17 @@ __all__ = [
     "available",
     "get",
     "register",
+    "default_solver",
     "IterativeLinearSolver",
     "LinearState",
     "CG",
     "cg",
     "Neumann",
     "neumann",
+    "MINRES",
+    "GMRES",
+    "BiCGStab",
+    "NormalCG",
     "power_iteration",
     "lanczos",
     "CurvatureEstimate",

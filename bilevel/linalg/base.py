@@ -15,7 +15,7 @@ from ..status import ConvergenceError, Status, check_given, follows_status
 
 __all__ = ["LinearSolveStatus", "LinearSolveInfo", "LinearSolver", "Matvec"]
 
-#: A matrix-vector product ``v -> A v`` on 1-D tensors.
+#: A matrix-vector product ``v -> A v`` on 1-D tensors (or ``v -> A^T v``, for ``rmatvec``).
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -45,6 +45,12 @@ class LinearSolveStatus(Status):
     NONFINITE = (
         "A non-finite value (NaN or inf) appeared in the matrix-vector products; check the inner "
         "problem at phi (a diverged inner solve or an overflow)."
+    )
+    BREAKDOWN = (
+        "The Krylov method could not continue: a quantity it divides by vanished (BiCGStab: r0^T r, "
+        "r0^T A p or omega; normal_cg: A p = 0 for a search direction p, so A is singular). The returned x is "
+        "the last iterate before it. Restart from it (x0=x), use 'gmres', which does not break down this way, "
+        "or add damping if A is singular."
     )
 
 
@@ -99,7 +105,8 @@ class LinearSolveInfo:
 
 
 class LinearSolver:
-    """Base class: solves ``A x = b`` for symmetric positive definite ``A`` given as a matvec.
+    """Base class: solves ``A x = b`` for ``A`` given as a matvec (symmetric positive definite, unless a
+    solver says otherwise in :attr:`symmetric`).
 
     Subclasses implement :meth:`_solve`; :meth:`__call__` validates ``b``,
     runs it and emits a :class:`bilevel.ConvergenceWarning` on failure.
@@ -119,9 +126,25 @@ class LinearSolver:
         A remedy when ``A`` (the inner Hessian) is indefinite or nearly
         singular, at the price of a bias of order ``damping / lambda_min``.
         Residuals and ``converged`` refer to the damped system. Default 0.
+
+    Attributes
+    ----------
+    symmetric:
+        Whether the solver requires a symmetric ``A`` (a class attribute): true for
+        ``"cg"``, ``"neumann"`` and ``"minres"`` (and, by default, for a subclass that does not
+        say), false for ``"gmres"``, ``"bicgstab"``, ``"normal_cg"`` and a user's callable.
+        An engine whose system is not symmetric (the Jacobian of a root or fixed-point problem)
+        checks it; :func:`bilevel.linalg.default_solver` picks a name from it.
+    needs_rmatvec:
+        Whether the solver needs the transposed product ``v -> A^T v`` (``"normal_cg"``): it
+        must then be called with ``rmatvec=``, which :meth:`__call__` passes on to :meth:`_solve`
+        and :meth:`solve_fixed` as a keyword. Other solvers ignore ``rmatvec`` and are called
+        without it, so a subclass written as ``_solve(matvec, b, x0)`` keeps working.
     """
 
     name = "linear_solver"
+    symmetric: bool = True
+    needs_rmatvec: bool = False
 
     def __init__(self, *, max_iter: int = 100, tol: float = 1e-10, warn: bool = True, damping: float = 0.0):
         self.max_iter = check_positive_int(max_iter, "max_iter")
@@ -152,26 +175,53 @@ class LinearSolver:
             f"bl.linalg.get('cg', max_iter=...) or a Neumann series with a fixed step_size."
         )
 
-    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None) -> tuple[torch.Tensor, LinearSolveInfo]:
-        """Solve ``matvec(x) = b``; returns ``(x, info)``."""
+    def _budget_matvecs(self, warm: bool) -> int:
+        """Matrix-vector products that a fixed budget (:meth:`solve_fixed`) spends; ``warm``: an ``x0`` was given."""
+        return self.max_iter
+
+    def __call__(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None, *,
+                 rmatvec: Matvec | None = None) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """Solve ``matvec(x) = b``; returns ``(x, info)``.
+
+        ``rmatvec`` (``v -> A^T v``) is needed by solvers whose :attr:`needs_rmatvec` is true
+        (``"normal_cg"``) and ignored by the others. For a symmetric ``A`` it is ``matvec`` itself;
+        only pass that when ``A`` is known to be symmetric (the engine does, for a Hessian).
+        """
         if not isinstance(b, torch.Tensor) or b.dim() != 1:
             raise ValueError(f"b must be a 1-D tensor, got {getattr(b, 'shape', type(b).__name__)}; "
                              f"flatten it with bilevel.tree.flatten.")
         if x0 is not None and x0.shape != b.shape:
             raise ValueError(f"x0 has shape {tuple(x0.shape)} but b has {tuple(b.shape)}; pass x0 like b.")
+        if rmatvec is not None and not callable(rmatvec):
+            raise TypeError(f"rmatvec must be a callable v -> A^T v on 1-D tensors, got {type(rmatvec).__name__}.")
+        if self.needs_rmatvec and rmatvec is None:
+            raise ValueError(
+                f"{self.name} needs the transposed product: pass rmatvec=, a callable v -> A^T v (for a "
+                f"symmetric A, rmatvec=matvec; with torch: the vector-Jacobian product of the map whose "
+                f"Jacobian is A), or use 'gmres' or 'bicgstab', which need only matvec.")
         if self.damping:
             undamped = matvec
 
             def matvec(v, _m=undamped, _d=self.damping):
                 return _m(v) + _d * v
 
+            if rmatvec is not None:  # (A + d I)^T = A^T + d I
+                undamped_t = rmatvec
+
+                def rmatvec(v, _m=undamped_t, _d=self.damping):
+                    return _m(v) + _d * v
+
+        # only a solver that asks for the transposed product gets it: a subclass written as
+        # _solve(matvec, b, x0) / solve_fixed(matvec, b, x0, flags) keeps working unchanged
+        transposed = {"rmatvec": rmatvec} if self.needs_rmatvec else {}
         if in_transform():
             flags: dict[str, torch.Tensor] = {}
-            x = self.solve_fixed(matvec, b, x0, flags)
+            x = self.solve_fixed(matvec, b, x0, flags, **transposed)
             nan = float("nan")
             status = LinearSolveStatus.UNCHECKED
-            return x, LinearSolveInfo(self.max_iter, nan, nan, False, status, self.max_iter, self.name, flags)
-        x, info = self._solve(matvec, b, x0)
+            return x, LinearSolveInfo(self.max_iter, nan, nan, False, status, self._budget_matvecs(x0 is not None),
+                                      self.name, flags)
+        x, info = self._solve(matvec, b, x0, **transposed)
         info.solver = self.name
         if not info.converged and info.status.warning is not None:
             forced = info.status.breakdown

@@ -17,6 +17,7 @@ class CallableLinearSolver(LinearSolver):
     """
 
     name = "callable"
+    symmetric = False  # a user's solver is trusted with any A (a dense solve handles any)
 
     def __init__(self, fn: Callable, *, tol: float = 1e-10, warn: bool = True):
         super().__init__(max_iter=1, tol=tol, warn=warn)

@@ -41,13 +41,47 @@ class LinearState:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def safe_divisor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where it is non-zero, 1 elsewhere: a branch-free divisor that cannot turn an exact zero into a NaN
+    (a NaN in ``t`` stays a NaN, for the driver's non-finite check)."""
+    return torch.where(t != 0, t, torch.ones_like(t))
+
+
+class _WithTranspose:
+    """``v -> A v`` carrying ``rmatvec`` (``v -> A^T v``): the ``matvec`` a method whose
+    :attr:`~bilevel.linalg.LinearSolver.needs_rmatvec` is true receives in :meth:`IterativeLinearSolver.init`
+    and :meth:`IterativeLinearSolver.step`."""
+
+    __slots__ = ("matvec", "rmatvec")
+
+    def __init__(self, matvec: Matvec, rmatvec: Matvec):
+        self.matvec, self.rmatvec = matvec, rmatvec
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+
 class IterativeLinearSolver(LinearSolver):
     """A linear solver written as ``init`` / ``step``, driven by this module (see its docstring).
 
     Subclasses implement :meth:`init` and :meth:`step`, and may override :meth:`prepare` (work
     before the first step that may end the solve, e.g. a step-size estimate), :meth:`breakdown`
     (the status of a discarded step), :meth:`diverged` and :meth:`extra` (facts for ``info.extra``).
+    A step that spends more than one product sets :attr:`matvecs_per_step` (BiCGStab: 2), and an
+    ``init`` that spends other products than ``A x0`` overrides :meth:`init_matvecs`, so that
+    ``info.matvecs`` counts them all. A method whose :attr:`needs_rmatvec` is true receives as
+    ``matvec`` a callable that also has ``matvec.rmatvec(v) = A^T v``.
     """
+
+    #: Matrix-vector products (``A v`` or ``A^T v``) one :meth:`step` spends.
+    matvecs_per_step: int = 1
+
+    def init_matvecs(self, warm: bool) -> int:
+        """Products :meth:`init` spends: ``A x0`` when an ``x0`` is given (``warm``), none otherwise."""
+        return 1 if warm else 0
+
+    def _budget_matvecs(self, warm: bool) -> int:
+        return self.init_matvecs(warm) + self.matvecs_per_step * self.max_iter
 
     def prepare(self, matvec: Matvec, b: torch.Tensor) -> tuple[LinearSolveStatus | None, int, dict]:
         """Work before the first step: ``(status that ends the solve at x = 0 or None, matvecs, extra)``."""
@@ -84,27 +118,30 @@ class IterativeLinearSolver(LinearSolver):
         """True: :meth:`solve_fixed` reads nothing back (subclasses whose :meth:`prepare` reads values say no)."""
         return True
 
-    def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None) -> tuple[torch.Tensor, LinearSolveInfo]:
+    def _solve(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None,
+               rmatvec: Matvec | None = None) -> tuple[torch.Tensor, LinearSolveInfo]:
+        if rmatvec is not None:
+            matvec = _WithTranspose(matvec, rmatvec)
         early, matvecs, extra = self.prepare(matvec, b)
         bnorm = torch.linalg.vector_norm(b).item()
         if early is not None:
             return torch.zeros_like(b), LinearSolveInfo(0, bnorm, 1.0 if bnorm > 0 else 0.0, False, early, matvecs,
                                                         extra=extra)
         state = self.init(matvec, b, x0, extra)
-        matvecs += 0 if x0 is None else 1
+        matvecs += self.init_matvecs(x0 is not None)
         scale = bnorm if bnorm > 0 else 1.0
         # tol == 0 asks for exactly max_iter steps: run them and read the residuals back once, at the end
         run = drive(_LinearIteration(self, matvec), state, max_iter=self.max_iter, threshold=self.tol * scale,
                     mode="deferred" if self.tol == 0.0 else "synced")
         status = self.breakdown(run.last) if run.outcome is Outcome.BREAKDOWN else _STATUS[run.outcome]
-        matvecs += run.steps + (1 if run.outcome is Outcome.BREAKDOWN else 0)
+        matvecs += self.matvecs_per_step * (run.steps + (1 if run.outcome is Outcome.BREAKDOWN else 0))
         rnorm = run.residuals[-1] if run.residuals else float("nan")
         rel = rnorm / bnorm if bnorm > 0 else rnorm
         return run.state.x, LinearSolveInfo(run.steps, rnorm, rel, status.success, status, matvecs,
                                             extra={**extra, **self.extra(run.last)})
 
     def solve_fixed(self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None,
-                    flags: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                    flags: dict[str, torch.Tensor] | None = None, rmatvec: Matvec | None = None) -> torch.Tensor:
         """Exactly ``max_iter`` steps with nothing read back; a finished or broken-down solve stays frozen.
 
         The result equals :meth:`_solve`'s ``x`` (the same steps, stopped by a mask instead of a
@@ -113,6 +150,8 @@ class IterativeLinearSolver(LinearSolver):
         """
         if not self.vmappable:
             return super().solve_fixed(matvec, b, x0, flags)
+        if rmatvec is not None:
+            matvec = _WithTranspose(matvec, rmatvec)
         _, _, prepared = self.prepare(matvec, b)  # a vmappable solver's prepare reads nothing back
         state = self.init(matvec, b, x0, prepared)
         run = drive(_LinearIteration(self, matvec), state, max_iter=self.max_iter,

@@ -7,8 +7,7 @@ from typing import Any, Callable
 from .base import _REGISTRY, LinearSolver
 from .callable import CallableLinearSolver
 
-__all__ = ["register", "available", "get"]
-
+__all__ = ["register", "available", "get", "default_solver"]
 
 
 def register(name: str):
@@ -74,3 +73,30 @@ def get(name: str | LinearSolver | Callable = "cg", /, **options: Any) -> Linear
         return CallableLinearSolver(name, **options)
     raise TypeError(f"linear_solver must be a name ({', '.join(available())}), a LinearSolver or a "
                     f"callable (matvec, b) -> x, got {type(name).__name__}.")
+
+
+def default_solver(symmetric: bool) -> str:
+    """The name of the linear solver to use when none is given, for a symmetric or a non-symmetric ``A``.
+
+    ``"cg"`` for a symmetric ``A`` (a Hessian: the adjoint of :func:`bilevel.argmin`), ``"gmres"``
+    otherwise (the Jacobian of a root or fixed-point problem), whose iterations need nothing of
+    ``A`` but a matvec and cannot break down. For a symmetric ``A`` that may be indefinite, pass
+    ``"minres"`` instead (CG stops there with ``NEGATIVE_CURVATURE``). Whether a solver can take a
+    non-symmetric ``A`` is its :attr:`~bilevel.linalg.LinearSolver.symmetric` attribute.
+
+    Raises
+    ------
+    TypeError
+        ``symmetric`` is not a bool.
+
+    Examples
+    --------
+    >>> import bilevel as bl
+    >>> bl.linalg.default_solver(symmetric=True), bl.linalg.default_solver(symmetric=False)
+    ('cg', 'gmres')
+    >>> bl.linalg.get(bl.linalg.default_solver(symmetric=False)).symmetric
+    False
+    """
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool (whether A is symmetric), got {symmetric!r}.")
+    return "cg" if symmetric else "gmres"

@@ -16,6 +16,11 @@ import bilevel as bl
 LINEAR_SETTINGS = {
     "cg": {"max_iter": 500, "tol": 1e-13},
     "neumann": {"max_iter": 20000, "tol": 1e-12},  # 1 - 1/kappa per term: thousands of terms
+    "minres": {"max_iter": 500, "tol": 1e-13},
+    "gmres": {"max_iter": 500, "tol": 1e-13, "restart": 30},
+    "bicgstab": {"max_iter": 500, "tol": 1e-13},
+    # CG on A^T A (kappa^2 <= 2500); the engine passes rmatvec = the Hessian-vector product (A is symmetric)
+    "normal_cg": {"max_iter": 2000, "tol": 1e-13},
 }
 LINEAR = [name for name in bl.linalg.available() if not name.startswith("test_")]
 
@@ -75,14 +80,20 @@ def test_argmin_backward_agrees_with_finite_differences(linear_name):
 # ------------------------------------------------ tol=0: the shared driver reads back once, with the loop's result
 
 #: options giving each registered iterative linear solver a fixed budget that runs without any read-back
-FIXED_BUDGET = {"cg": {}, "neumann": {"step_size": 0.01}}
+FIXED_BUDGET = {"cg": {}, "neumann": {"step_size": 0.01}, "minres": {}, "gmres": {"restart": 7}, "bicgstab": {},
+                "normal_cg": {}}
+
+
+def _transposed(name, matvec):
+    """``rmatvec`` for a solver that needs it: the systems here are symmetric, so it is ``matvec``."""
+    return {"rmatvec": matvec} if bl.linalg.get(name).needs_rmatvec else {}
 
 
 def _fixed_and_stepwise(name, matvec, b, max_iter, **options):
     """The same solver with tol=0 (one read-back, at the end) and with a tol no residual reaches (step by step)."""
     opts = {**FIXED_BUDGET[name], **options, "max_iter": max_iter, "warn": False}
-    fast = bl.linalg.get(name, tol=0.0, **opts)(matvec, b)
-    slow = bl.linalg.get(name, tol=1e-300, **opts)(matvec, b)
+    fast = bl.linalg.get(name, tol=0.0, **opts)(matvec, b, **_transposed(name, matvec))
+    slow = bl.linalg.get(name, tol=1e-300, **opts)(matvec, b, **_transposed(name, matvec))
     return fast, slow
 
 
@@ -111,7 +122,8 @@ def test_tol_zero_reads_back_once_and_equals_the_step_by_step_solve(name, max_it
             reads.append(_attr)
             return _original(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, attr, counted)
-    bl.linalg.get(name, tol=0.0, max_iter=max_iter, **FIXED_BUDGET[name])(lambda v: A @ v, b)
+    bl.linalg.get(name, tol=0.0, max_iter=max_iter, **FIXED_BUDGET[name])(lambda v: A @ v, b,
+                                                                           **_transposed(name, lambda v: A @ v))
     # ||b||, the residuals at the end and the method's facts for info.extra: not one per step
     assert len(reads) <= 3, f"{len(reads)} read-backs for {max_iter} steps: {reads[:8]}"
     monkeypatch.undo()
