@@ -31,11 +31,9 @@ __all__ = ["root"]
 
 
 def _default_linear_solver(problem: RootProblem) -> str:
-    from .. import linalg
+    from ..linalg import default_solver
 
-    if problem.symmetric:
-        return "cg"
-    return linalg.default_solver(False) if hasattr(linalg, "default_solver") else "gmres"
+    return default_solver(problem.symmetric)
 
 
 class _RootFunction(torch.autograd.Function):
@@ -96,11 +94,7 @@ class _Adjoint:
         def rmatvec(w):  # (dF/dphi) w, for solvers that need both products
             return torch.func.jvp(lambda x: F(x, t_flat), (self.phi_flat.detach(),), (w,))[1]
 
-        solver = self.linear_solver
-        try:
-            u, info = solver(matvec, b, rmatvec=rmatvec)
-        except TypeError:  # a solver without the transposed product
-            u, info = solver(matvec, b)
+        u, info = self.linear_solver(matvec, b, rmatvec=rmatvec)  # rmatvec: for solvers on normal equations
         self.info = info
         if info.status is LinearSolveStatus.NONFINITE or not torch.isfinite(u).all():
             raise ValueError(f"the implicit backward of bl.root met a non-finite value in its linear solve "
