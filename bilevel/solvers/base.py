@@ -307,6 +307,7 @@ def solve(problem: InnerProblem, theta: Any, data: Any = None, *, solver: str | 
             result.status is SolverStatus.MAX_ITER and solver_obj.tol == 0):  # tol=0: a fixed budget, as asked
         warnings.warn(result.status.warning(
             f"inner solver {result.solver!r} did not converge after {result.iterations} iterations "
-            f"(||grad_phi G|| = {result.grad_norm:.3g}, tol {solver_obj.tol:g}): {result.message}",
+            f"(||grad_phi G|| = {result.grad_norm:.3g}, tol {solver_obj.tol:g}"
+            f"{f', rtol {solver_obj.rtol:g}' if solver_obj.rtol else ''}): {result.message}",
             status=result.status, info=result), stacklevel=2)
     return result

@@ -292,3 +292,26 @@ def test_rtol_makes_the_stopping_test_independent_of_the_units(name):
         assert res.converged and end <= 1e-6 * start
         assert res.history["grad_norm"][-2] > 1e-6 * start  # it stopped at the first iterate below the threshold
     assert "rtol=1e-06" in repr(bl.solvers.get(name, rtol=1e-6))
+
+
+def test_a_ridge_hyperparameter_loop_in_data_units_runs_without_warnings_with_rtol():
+    """Targets in the hundreds (as in the diabetes data of JAXopt's ridge example) in float32 put an absolute
+    tol of 1e-6 below round-off; a relative tol states the accuracy without knowing the units."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(80, 10, generator=g, dtype=torch.float32)
+    y = 150.0 + 80.0 * (X @ torch.randn(10, generator=g, dtype=torch.float32)) / 3.0
+    problem = bl.InnerProblem(lambda w, t, d: 0.5 * ((d[0] @ w - d[1]) ** 2).sum() + 0.5 * t.exp() * (w @ w))
+    theta = torch.tensor(0.0, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=1e-6)
+    w = torch.zeros(10, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.ConvergenceWarning)
+        for _ in range(50):
+            opt.zero_grad()
+            w = bl.argmin(problem, theta, (X, y), solver=bl.solvers.get("gd", rtol=1e-5, max_iter=500),
+                          phi0=torch.zeros(10, dtype=torch.float32))  # rtol: relative to a cold start
+            (0.5 * ((X @ w - y) ** 2).mean()).backward()
+            opt.step()
+    with pytest.warns(bl.BudgetWarning):  # the absolute tol that the same budget cannot reach in these units
+        bl.solve(problem, theta.detach(), (X, y), solver=bl.solvers.get("gd", tol=1e-6, max_iter=500),
+                 phi0=torch.zeros(10, dtype=torch.float32))
