@@ -8,8 +8,10 @@ describe the condition; the root solvers here (a registry: :func:`available`, :f
 from .adjoint import root
 from .problems import CompositeProblem, FixedPointProblem, RootProblem
 from .result import RootResult, RootStatus
-from .solvers import (FISTA, ISTA, Anderson, CallableRootSolver, CvxpyRootSolver, FixedPointIteration, NewtonKrylov, ProximalGradient,
-                      RootObjective, RootSolver, available, get, register, solve_root)
+from .base import CallableRootSolver, RootObjective, RootSolver, available, get, register, solve_root
+from .cvxpy_root import CvxpyRootSolver
+from .methods import Anderson, FixedPointIteration, NewtonKrylov
+from .proxgrad import FISTA, ISTA, ProximalGradient
 
 __all__ = ["RootProblem", "FixedPointProblem", "CompositeProblem", "RootResult", "RootStatus", "RootSolver",
            "RootObjective", "FixedPointIteration", "Anderson", "NewtonKrylov", "ProximalGradient", "ISTA", "FISTA",

@@ -25,7 +25,7 @@ from ..linalg.registry import get as get_linear_solver
 from ..problem import InnerProblem
 from .problems import CompositeProblem, RootProblem
 from .result import RootResult
-from .solvers import RootSolver, solve_root
+from .base import RootSolver, solve_root
 
 __all__ = ["root"]
 
