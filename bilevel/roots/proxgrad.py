@@ -65,12 +65,14 @@ class ProximalGradient(RootSolver):
         f, g = self._f_and_grad(fun, x0)
         state = RootState(x0, (x0 - self._prox(fun, x0 - step * g, step)) / step)
         state.aux = {"y": x0, "t": torch.ones((), dtype=x0.dtype, device=x0.device),
-                     "step": torch.full((), step, dtype=x0.dtype, device=x0.device)}
+                     "step": torch.full((), step, dtype=x0.dtype, device=x0.device), "g_y": g}
         return state
 
     def step(self, fun: RootObjective, state: RootState, k: int) -> RootState:
         y, t, step = state.aux["y"], state.aux["t"], state.aux["step"]
-        _, gy = self._f_and_grad(fun, y)
+        gy = state.aux.get("g_y")  # ISTA: y is the last x, whose gradient the residual already computed
+        if gy is None:
+            _, gy = self._f_and_grad(fun, y)
         gx = None
         if self.step_size is None:
             # backtracking on the local Lipschitz constant along d = x - y: <grad f(x) - grad f(y), d> <= ||d||^2 / s
@@ -97,7 +99,10 @@ class ProximalGradient(RootSolver):
         if gx is None:
             _, gx = self._f_and_grad(fun, x)
         F = (x - self._prox(fun, x - step * gx, step)) / step
-        return RootState(x, F, {"y": y_next, "t": t_next, "step": step})
+        aux = {"y": y_next, "t": t_next, "step": step}
+        if not self.accelerated:
+            aux["g_y"] = gx
+        return RootState(x, F, aux)
 
     def _options(self):
         return {**super()._options(), "step_size": self.step_size}
