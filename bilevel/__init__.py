@@ -9,6 +9,7 @@
 """
 
 from . import bounds, linalg, solvers, status, testing, tree, unrolled
+from . import distributed
 from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
@@ -45,6 +46,7 @@ __all__ = [
     "Status",
     "status",
     "bounds",
+    "distributed",
     "linalg",
     "solvers",
     "testing",
