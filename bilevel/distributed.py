@@ -374,7 +374,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
-    """The items ``0 .. n-1`` of a batch that ``rank`` keeps: a contiguous block.
+    """The indices of the batch items that ``rank`` keeps, out of ``range(n)``: a contiguous block.
 
     The first ``n % world_size`` ranks keep ``n // world_size + 1`` items, the
     others ``n // world_size``; the blocks follow each other in rank order and
@@ -584,7 +584,7 @@ def all_reduce(tree: Any, op: str = "sum") -> Any:
 
 
 def broadcast(tree: Any, src: int = 0) -> Any:
-    """Overwrite a tree of tensors on every rank with rank ``src``'s, in place: one collective per dtype and device.
+    """Give every rank the values of rank ``src`` for a tree of tensors, in place: one collective per dtype and device.
 
     Typically the initial parameters, so that all ranks start from the same
     point whatever their local random state.
@@ -621,7 +621,7 @@ def broadcast(tree: Any, src: int = 0) -> Any:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s picklable ``obj``, on every rank (the others' ``obj`` is ignored).
+    """The picklable ``obj`` of rank ``src``, on every rank (the others' ``obj`` is ignored).
 
     Examples
     --------
@@ -671,7 +671,7 @@ def barrier() -> None:
 
 
 def rank_seed(seed: int, rank: int | None = None) -> int:
-    """A seed for ``rank``'s own random numbers: different on every rank, the same on every run.
+    """A seed for one rank's own random numbers: different on every rank, the same on every run.
 
     Derived from ``(seed, rank)`` with :class:`numpy.random.SeedSequence`, so
     that the streams of neighbouring seeds and ranks do not overlap in any
