@@ -346,6 +346,10 @@ def init(device: str | torch.device = "cpu", *, backend: str | None = None,
 def shutdown() -> None:
     """End the process group :func:`init` started, if any (each rank calls it once, at the end).
 
+    The ranks first wait for each other (a barrier), so that none closes its
+    connections while another still receives from it; if that wait fails (a
+    rank is gone already), the group is ended all the same.
+
     Examples
     --------
     >>> shutdown()  # without a process group: nothing to do
@@ -353,6 +357,10 @@ def shutdown() -> None:
     global _CONTEXT
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
+        try:
+            barrier()
+        except DistributedError as e:
+            logger.warning("shutdown: the ranks could not meet before ending the process group (%s)", e)
         dist.destroy_process_group()
     _CONTEXT = None
 

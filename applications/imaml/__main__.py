@@ -415,9 +415,11 @@ def _load(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any
 # -- torchrun ------------------------------------------------------------------------------------------------
 
 
-def _join(args: argparse.Namespace, out: Path) -> bl.distributed.Context:
-    """Join the torchrun job on --device (else the run's device type, else cpu) with the backend and timeout asked."""
-    run = _read_run_file(out) if (out / RUN_FILE).is_file() else {}  # for the device only: rank 0's is sent later
+def _join(args: argparse.Namespace, out: Path, *, continuing: bool) -> bl.distributed.Context:
+    """Join the torchrun job on --device (else, ``continuing`` a run, its device type; else cpu) with the backend
+    and timeout asked for."""
+    # the run folder is read here for the device only (rank 0 reads it for the rest and sends it)
+    run = _read_run_file(out) if continuing and (out / RUN_FILE).is_file() else {}
     device = _devices(args, run)
     try:
         return bl.distributed.init(device, backend=args.dist_backend, timeout=args.dist_timeout)
@@ -489,7 +491,7 @@ def _train(args: argparse.Namespace) -> int:
         return _read_run_file(out)
 
     if distributed:
-        ctx = _join(args, out)
+        ctx = _join(args, out, continuing=args.resume)
         if args.resume:  # rank 0 reads the run folder; the others need not see it
             run = bl.distributed.broadcast_object(_agree(lambda: check_resume(ctx.world_size) if ctx.is_main
                                                          else None))
@@ -569,7 +571,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     ctx = None
     if bl.distributed.launched():
-        ctx = _join(args, out)
+        ctx = _join(args, out, continuing=True)
         saved, run = bl.distributed.broadcast_object(_agree(lambda: check() if ctx.is_main else None))
         config = ExperimentConfig(**saved)
         device = ctx.device
