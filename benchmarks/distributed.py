@@ -161,14 +161,20 @@ def plot(payload: dict[str, Any], path: str) -> None:
     a1.grid(alpha=0.3)
     a1.legend(fontsize=8)
     labels = [f"{summary[k]['ranks']} rank(s)" for k in rank_keys]
-    shares = [100 * summary[k]["median_comm_share"] for k in rank_keys]
-    a2.bar(labels, [100 - s for s in shares], color="C0", label="compute (and the rest of the step)")
-    a2.bar(labels, shares, bottom=[100 - s for s in shares], color="C1", label="all-reduce (incl. waiting)")
-    for i, k in enumerate(rank_keys):
-        a2.annotate(f"{shares[i]:.2f}% all-reduce\nbare: {summary[k]['median_bare_allreduce_ms']:.2f} ms",
-                    (i, 50), ha="center", fontsize=8)
-    a2.set(ylabel="share of the step (%)", ylim=(0, 100), title="where a step's time goes (max over ranks)")
-    a2.legend(fontsize=8, loc="lower right")
+    waiting = [100 * summary[k]["median_comm_share"] for k in rank_keys]
+    bare = [100 * summary[k]["median_bare_allreduce_share"] for k in rank_keys]
+    xs = range(len(labels))
+    a2.bar([x - 0.2 for x in xs], waiting, width=0.4, color="C1", label="the step's all-reduce, waiting included")
+    a2.bar([x + 0.2 for x in xs], bare, width=0.4, color="C2", label="a bare all-reduce of the same buffer")
+    for x, w, b in zip(xs, waiting, bare):
+        a2.annotate(f"{w:.2f}%", (x - 0.2, w), ha="center", va="bottom", fontsize=8)
+        a2.annotate(f"{b:.2f}%", (x + 0.2, b), ha="center", va="bottom", fontsize=8)
+    a2.set_xticks(list(xs))
+    a2.set_xticklabels(labels)
+    a2.set(ylabel="share of a meta-step (%)", ylim=(0, max(1.0, 1.3 * max(waiting + bare))),
+           title="communication share (median; max over the ranks)")
+    a2.grid(alpha=0.3, axis="y")
+    a2.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{payload['config']} on torchrun ({payload['backend']}), {payload['steps']} timed steps, "
                  f"{payload['repeats']} repeat(s), commit {payload['commit']}", fontsize=9)
     fig.tight_layout()
@@ -235,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[label] = {"ranks": ranks, "threads": threads,
                           "median_steps_per_second": statistics.median(r["steps_per_second"] for r in mine),
                           "median_comm_share": statistics.median(r["comm_share"] for r in mine),
-                          "median_bare_allreduce_ms": statistics.median(r["bare_allreduce_ms"] for r in mine)}
+                          "median_bare_allreduce_ms": statistics.median(r["bare_allreduce_ms"] for r in mine),
+                          "median_bare_allreduce_share": statistics.median(
+                              r["bare_allreduce_ms"] * r["steps_per_second"] / 1e3 for r in mine)}
     one = f"ranks_{args.ranks[0]}"
     ratios = {}
     for label in summary:

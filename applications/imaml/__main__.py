@@ -420,6 +420,9 @@ def _join(args: argparse.Namespace, out: Path, *, continuing: bool) -> bl.distri
     and timeout asked for."""
     # the run folder is read here for the device only (rank 0 reads it for the rest and sends it)
     run = _read_run_file(out) if continuing and (out / RUN_FILE).is_file() else {}
+    if args.device is not None and torch.device(args.device).index is not None and _world_size_in_env() > 1:
+        _fail(f"--device {args.device}: under torchrun every rank takes its own GPU, cuda:LOCAL_RANK; pass --device "
+              f"{torch.device(args.device).type} (and restrict the GPUs with CUDA_VISIBLE_DEVICES).")
     device = _devices(args, run)
     try:
         return bl.distributed.init(device, backend=args.dist_backend, timeout=args.dist_timeout)

@@ -234,11 +234,14 @@ def test_more_processes_than_tasks_is_refused(tmp_path, capsys, as_rank_0_of):
                     "equally busy) or fewer processes.")
 
 
-def test_nccl_on_cpus_is_refused(tmp_path, capsys, as_rank_0_of):
+def test_nccl_on_cpus_and_a_fixed_gpu_are_refused(tmp_path, capsys, as_rank_0_of):
     as_rank_0_of(2)
     line = one_error_line(capsys, ["train", *TINY, "--out", str(tmp_path / "run"), "--device", "cpu",
                                    "--dist-backend", "nccl"])
     assert "backend 'nccl' communicates between GPUs only, and this rank computes on 'cpu'; use backend 'gloo'" in line
+    line = one_error_line(capsys, ["train", *TINY, "--out", str(tmp_path / "run"), "--device", "cuda:1"])
+    assert line == ("error: --device cuda:1: under torchrun every rank takes its own GPU, cuda:LOCAL_RANK; pass "
+                    "--device cuda (and restrict the GPUs with CUDA_VISIBLE_DEVICES).")
 
 
 def test_resuming_on_another_number_of_processes_is_refused(two_ranks, one_process, tmp_path, capsys):
