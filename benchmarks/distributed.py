@@ -104,6 +104,11 @@ def worker(args: argparse.Namespace) -> None:
         with open(args.result, "w") as f:
             json.dump({"world_size": ctx.world_size, "backend": ctx.backend, "ranks": everyone}, f)
     bl.distributed.shutdown()
+    # gloo's threads may release their last tensors while the interpreter shuts down and abort the process
+    # (SIGABRT) after the work is done: end here, the result written (as the application's command line does)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- the driver ----------------------------------------------------------------------------------------------

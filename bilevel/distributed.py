@@ -350,6 +350,16 @@ def shutdown() -> None:
     connections while another still receives from it; if that wait fails (a
     rank is gone already), the group is ended all the same.
 
+    Notes
+    -----
+    gloo's worker threads may release the last tensors of a collective after
+    the call has returned; if the interpreter is shutting down by then, the
+    process aborts (SIGABRT) although its work is done (a PyTorch behaviour,
+    seen here in about one run in ten on a busy machine). A program whose exit
+    status matters (a job under ``torchrun``, whose failure it reports) can end
+    with :func:`os._exit` after flushing its output, as the few-shot
+    application's command line does.
+
     Examples
     --------
     >>> shutdown()  # without a process group: nothing to do

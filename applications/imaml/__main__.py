@@ -645,5 +645,25 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def main_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """:func:`main`, then end the process with its status.
+
+    Under torchrun the process ends with :func:`os._exit` once its output is flushed (every file
+    the run writes is closed by then): torch.distributed's gloo threads may release their last
+    tensors while the interpreter shuts down, which aborts the process (SIGABRT) after the work is
+    done and would report a finished run, or an error's status, as a crash.
+    """
+    try:
+        status = main(argv)
+    except SystemExit as e:  # a mistake (status 2), or --help
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if bl.distributed.launched():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main_and_exit()

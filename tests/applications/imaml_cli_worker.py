@@ -79,4 +79,4 @@ if __name__ == "__main__":
     cli.build_samplers = generated_samplers
     if os.environ.get("IMAML_WORKER_DRAWS") == "1":
         draw_each_step()
-    sys.exit(cli.main(sys.argv[1:]))
+    cli.main_and_exit(sys.argv[1:])
