@@ -125,7 +125,7 @@ def run_configuration(args: argparse.Namespace, ranks: int, threads: int) -> dic
                "--dist-timeout", str(args.dist_timeout)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")])}
-        t0 = time.perf_counter()
+        t0, load_before = time.perf_counter(), os.getloadavg()[0]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=_ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"the {ranks}-rank job failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -133,7 +133,9 @@ def run_configuration(args: argparse.Namespace, ranks: int, threads: int) -> dic
             out = json.load(f)
     rank0 = out["ranks"][0]
     shares = [sum(r["comm_seconds"]) / sum(r["step_seconds"]) for r in out["ranks"]]
+    # the 1-minute load average around the job: above the job's own process count, other work shared the cores
     out.update(threads_per_rank=threads, job_wall_seconds=time.perf_counter() - t0,
+               load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
                steps_per_second=len(rank0["step_seconds"]) / sum(rank0["step_seconds"]),
                comm_share_per_rank=shares, comm_share=max(shares),
                bare_allreduce_ms=1e3 * statistics.median(x for r in out["ranks"] for x in r["bare_allreduce_seconds"]))
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             print(f"repeat {repeat + 1}/{repeats}  {label:<10} {ranks} rank(s) x {threads} thread(s): "
                   f"{run['steps_per_second']:.3f} meta-steps/s, all-reduce {100 * run['comm_share']:.2f}% of a "
-                  f"step (bare {run['bare_allreduce_ms']:.2f} ms)", flush=True)
+                  f"step (bare {run['bare_allreduce_ms']:.2f} ms); load {run['load_average_1min']['before']:.1f} -> "
+                  f"{run['load_average_1min']['after']:.1f}", flush=True)
     summary: dict[str, Any] = {}
     for label, ranks, threads in configurations:
         mine = [r for r in runs if r["label"] == label]
