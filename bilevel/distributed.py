@@ -488,6 +488,15 @@ def _is_timeout(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text or isinstance(error, TimeoutError)
 
 
+_LOST_PEER = ("closed by peer", "connection reset", "connection refused", "broken pipe", "connection closed",
+              "socket closed", "end of file", "eof")
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, ConnectionError) or any(pattern in text for pattern in _LOST_PEER)
+
+
 def _collective(what: str, fn):
     """Run a collective; turn torch's failure into a :class:`DistributedError` that says what to do."""
     try:
@@ -502,9 +511,13 @@ def _collective(what: str, fn):
                      f"or is far slower than the others)")
             advice = (f"If the ranks are only slow (a first data decoding, a long evaluation on one rank), raise the "
                       f"timeout (init(timeout=...) or ${TIMEOUT_ENV}).")
-        else:
+        elif _is_lost_peer(e):
             cause = "another rank stopped (it crashed or was killed) or cannot be reached"
             advice = "If every rank is still running, check the network between the nodes."
+        else:
+            cause = "the collective failed"
+            advice = ("If no rank stopped, the ranks may have passed different trees (every rank must pass the same "
+                      "structure, shapes and dtypes, in the same order of collectives).")
         raise DistributedError(
             f"{what} failed on rank {ctx.rank} of {ctx.world_size}: {cause} ({ctx.backend}: {_first_line(e)}). The "
             f"job cannot continue: find the first error in the other ranks' output, fix it and start again (from "
@@ -583,6 +596,9 @@ def all_reduce(tree: Any, op: str = "sum") -> Any:
     if op not in _OPS:
         raise ValueError(f"unknown op {op!r}; use one of {', '.join(map(repr, _OPS))}.")
     tensors = _tree.leaves(tree, "the tree to all-reduce")
+    if op == "mean" and not all(t.is_floating_point() or t.is_complex() for t in tensors):
+        raise TypeError("op='mean' divides by the world size and needs floating tensors; cast the integer ones (or "
+                        "use op='sum').")
     ctx = _current()
     if ctx is None or ctx.world_size == 1:
         return tree

@@ -240,7 +240,28 @@ def test_collectives_name_bad_arguments(no_torchrun):
         bd.all_reduce({"w": None})
     with pytest.raises(ValueError, match="src must be a rank from 0 to 0, got 1"):
         bd.broadcast(torch.ones(1), src=1)
+    with pytest.raises(TypeError, match="op='mean' divides by the world size and needs floating tensors"):
+        bd.all_reduce([torch.ones(2), torch.ones(2, dtype=torch.int64)], op="mean")
     err = bd.DistributedError("x", timed_out=True)
     import pickle
 
     assert pickle.loads(pickle.dumps(err)).timed_out is True
+
+
+@pytest.mark.parametrize("torch_says, timed_out, cause", [
+    ("[pair.cc:561] Connection closed by peer [127.0.0.1]:7569", False, "another rank stopped (it crashed or was killed)"),
+    ("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete", True,
+     "a rank did not take part within the process group's timeout of 600 s"),
+    ("[enforce fail at pair.cc:446] op.preamble.length <= op.nbytes. 1046204 vs 1040256", False,
+     "the collective failed"),
+])
+def test_a_failed_collective_says_what_happened_and_what_to_do(no_torchrun, torch_says, timed_out, cause):
+    def collective():
+        raise RuntimeError(torch_says)
+
+    with pytest.raises(bd.DistributedError) as info:
+        bd._collective("all_reduce", collective)
+    assert info.value.timed_out is timed_out
+    message = str(info.value)
+    assert message.startswith(f"all_reduce failed on rank 0 of 1: {cause}")
+    assert torch_says in message and "The job cannot continue" in message
