@@ -8,7 +8,7 @@
     outer_loss(phi).backward()                         # theta.grad via the implicit function theorem
 """
 
-from . import bounds, linalg, prox, solvers, status, testing, tree, unrolled
+from . import bounds, distributed, linalg, prox, solvers, status, testing, tree, unrolled
 from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
@@ -55,6 +55,7 @@ __all__ = [
     "Status",
     "status",
     "bounds",
+    "distributed",
     "linalg",
     "prox",
     "solvers",

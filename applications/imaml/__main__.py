@@ -8,6 +8,8 @@ Examples::
     python -m applications.imaml train --config omniglot-20w5s-hf --device cuda --out runs/20w5s-hf
     python -m applications.imaml train --config omniglot-20w5s-hf --device cuda --out runs/20w5s-hf --resume
     python -m applications.imaml evaluate --out runs/cpu --episodes 600   # writes runs/cpu/eval-600.json
+    torchrun --standalone --nproc_per_node 4 -m applications.imaml train --config omniglot-20w5s-hf --device cuda \
+        --out runs/20w5s-hf-4gpu                                              # the meta-batch split over 4 GPUs
 
 ``train`` writes ``run.json`` (the data and cache folders and the device it
 used) into the run folder, so ``evaluate`` and ``train --resume`` need only
@@ -16,6 +18,16 @@ Ctrl-C or SIGTERM finishes the current meta-step, saves a checkpoint and exits
 with status 130; ``--resume`` then continues exactly. A mistake in the
 arguments, the data or the run folder ends with one line ``error: ...`` on
 stderr and exit status 2.
+
+Under ``torchrun`` (``train`` and ``evaluate``) every process runs this
+command line: each meta-step's tasks and the evaluation episodes are split
+over the ranks, one all-reduce per meta-step sums the meta-gradients, and rank
+0 alone writes the run folder, prints and shows progress bars. ``--device
+cuda`` gives each rank its own GPU (NCCL), ``--device cpu`` runs on CPUs
+(gloo); ``--dist-timeout`` bounds how long a rank waits for the others. A rank
+that dies ends the others with ``error: ...`` and exit status 1; the
+checkpoint stays the last one written. ``--resume`` needs the same number of
+processes.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
+import bilevel as bl
+
 from .algorithms import ALGORITHMS, CURVATURES
 from .configs import CONFIGS, ExperimentConfig, get_config
 
@@ -41,6 +55,12 @@ DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 RUN_FILE = "run.json"
 
 logger = logging.getLogger(__name__)
+
+
+def _default_threads() -> int:
+    """Torch threads when --threads is not given: two where the machine has them, shared among the node's ranks."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if bl.distributed.launched() else 1
+    return max(1, min(DEFAULT_THREADS, (os.cpu_count() or 1) // max(1, per_node)))
 
 
 def build_samplers(config: ExperimentConfig, data_dir: str, *, cache_dir: str | None, download: bool,
@@ -66,10 +86,49 @@ def build_samplers(config: ExperimentConfig, data_dir: str, *, cache_dir: str | 
 # -- errors and argument types -------------------------------------------------------------------------
 
 
+class _Failure(SystemExit):
+    """What :func:`_fail` raises: exit status 2, with the message it printed (or, on ranks other than 0, kept)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+#: Under torchrun the ranks other than 0 keep their error lines: rank 0 prints the job's (see :func:`_agree`).
+_PRINTS_ERRORS = True
+#: While True (inside :func:`_agree`), :func:`_fail` prints nothing: the agreed message is printed once, after.
+_DEFERRED = False
+
+
 def _fail(message: str) -> NoReturn:
     """Print ``error: message`` as one line on stderr and exit with status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
+    message = " ".join(str(message).split())
+    if _PRINTS_ERRORS and not _DEFERRED:
+        print(f"error: {message}", file=sys.stderr)
+    raise _Failure(message)
+
+
+def _agree(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on every rank; if it fails on any, fail on all with the first failing rank's message.
+
+    For the steps whose outcome may differ between ranks (reading files, loading data): the ranks
+    exchange their outcomes (one collective), so that none is left waiting for a rank that stopped.
+    """
+    global _DEFERRED
+    failure = None
+    result = None
+    _DEFERRED = True
+    try:
+        result = work()
+    except _Failure as e:
+        failure = e.message
+    finally:
+        _DEFERRED = False
+    outcomes = bl.distributed.all_gather_object(failure)
+    for rank, message in enumerate(outcomes):
+        if message is not None:
+            _fail(message if rank == 0 else f"rank {rank}: {message}")
+    return result
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,10 +291,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the official archives if they are missing")
     p.add_argument("--device", type=_device_name, default=None,
                    help="cpu, cuda, cuda:1, ... (default: train cpu; evaluate and --resume: the run's)")
-    p.add_argument("--threads", type=_integer(1, "CPU threads"), default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=_integer(1, "CPU threads"), default=None,
                    help=f"CPU threads for torch (default {DEFAULT_THREADS}: two where the machine has them; "
-                        f"measured 1.35x faster than one on the 3-block net, more mostly contend)")
+                        f"measured 1.35x faster than one on the 3-block net, more mostly contend; under torchrun "
+                        f"the cores are shared among the node's processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dist-timeout", type=_number("seconds"), default=None,
+                   help=f"under torchrun: seconds a rank waits for the others before the job ends with an error "
+                        f"(default ${bl.distributed.TIMEOUT_ENV}, else {bl.distributed.DEFAULT_TIMEOUT:.0f})")
+    p.add_argument("--dist-backend", choices=bl.distributed.BACKENDS, default=None,
+                   help="under torchrun: the communication backend (default: nccl with --device cuda, else gloo)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -317,6 +382,8 @@ def _devices(args: argparse.Namespace, run: dict[str, Any]) -> torch.device:
     name = args.device
     if name is None:
         name = run.get("device") or "cpu"
+        if bl.distributed.launched():  # under torchrun each rank takes its own GPU: only the type carries over
+            name = torch.device(name).type
         if _device_problem(name) is not None:
             logger.warning("the run used --device %s, which this machine lacks; using cpu", name)
             name = "cpu"
@@ -326,7 +393,8 @@ def _devices(args: argparse.Namespace, run: dict[str, Any]) -> torch.device:
     return torch.device(name)
 
 
-def _load(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any], device: torch.device):
+def _load(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any], device: torch.device, *,
+          progress: bool | None = None):
     """``(data_dir, cache_dir, samplers...)``: the command line's folders, else the run's, else the defaults."""
     from .data import DatasetError
 
@@ -334,7 +402,7 @@ def _load(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any
     cache_dir = args.cache_dir if args.cache_dir is not None else run.get("cache_dir")
     try:
         samplers = build_samplers(config, data_dir, cache_dir=cache_dir, download=args.download, device=device,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet if progress is None else progress)
     except (FileNotFoundError, DatasetError) as e:
         _data_error(e, config)
     except ValueError as e:  # the episode shape does not fit the data (EpisodeSampler)
@@ -342,6 +410,54 @@ def _load(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any
     except OSError as e:
         _fail(f"cannot read the data ({e}); check --data-dir and --cache-dir.")
     return data_dir, cache_dir, samplers
+
+
+# -- torchrun ------------------------------------------------------------------------------------------------
+
+
+def _join(args: argparse.Namespace, out: Path, *, continuing: bool) -> bl.distributed.Context:
+    """Join the torchrun job on --device (else, ``continuing`` a run, its device type; else cpu) with the backend
+    and timeout asked for."""
+    # the run folder is read here for the device only (rank 0 reads it for the rest and sends it)
+    run = _read_run_file(out) if continuing and (out / RUN_FILE).is_file() else {}
+    if args.device is not None and torch.device(args.device).index is not None and _world_size_in_env() > 1:
+        _fail(f"--device {args.device}: under torchrun every rank takes its own GPU, cuda:LOCAL_RANK; pass --device "
+              f"{torch.device(args.device).type} (and restrict the GPUs with CUDA_VISIBLE_DEVICES).")
+    device = _devices(args, run)
+    try:
+        return bl.distributed.init(device, backend=args.dist_backend, timeout=args.dist_timeout)
+    except (bl.distributed.DistributedError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # every rank: the failure may be its own
+        raise SystemExit(2) from None
+
+
+def _load_distributed(config: ExperimentConfig, args: argparse.Namespace, run: dict[str, Any],
+                      ctx: bl.distributed.Context):
+    """:func:`_load` on every rank: each node's local rank 0 first (it decodes and caches, downloads with
+    --download), then the others, from its cache. A failure on any rank ends every rank with its message."""
+    first = ctx.local_rank == 0
+    progress = not args.quiet and ctx.is_main
+    loaded = _agree(lambda: _load(config, args, run, ctx.device, progress=progress) if first else None)
+    later = _agree(lambda: None if first else _load(config, args, run, ctx.device, progress=progress))
+    return loaded if first else later
+
+
+def _lost_rank(error: bl.distributed.DistributedError, trainer, out: Path) -> int:
+    """Report a failed collective (on every rank that saw it) with what the run folder holds; exit status 1."""
+    saved = trainer.saved_step
+    note = (f"The checkpoint in {out} holds step {saved}: continue with --resume (the same number of processes) once "
+            f"every rank can run" if saved is not None else "No checkpoint was written yet")
+    if error.timed_out:
+        note += f" (the timeout is --dist-timeout, or ${bl.distributed.TIMEOUT_ENV})"
+    print(f"error: {' '.join(str(error).split())} {note}.", file=sys.stderr)
+    return 1
+
+
+def _world_size_in_env() -> int:
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 1
 
 
 def _report(name: str, config: ExperimentConfig, result, **extra: Any) -> None:
@@ -352,27 +468,47 @@ def _report(name: str, config: ExperimentConfig, result, **extra: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import CheckpointError, Trainer, read_checkpoint
+    from .train import CheckpointError, Trainer, check_world_size, read_checkpoint
 
     config = _train_config(args)
     out = Path(args.out)
     _check_out(out)
     checkpoint = out / "checkpoint.pt"
+    distributed = bl.distributed.launched()
+    if distributed and config.meta_batch < _world_size_in_env():
+        world = _world_size_in_env()
+        _fail(f"the meta-batch has {config.meta_batch} task(s) and torchrun started {world} processes; each "
+              f"process needs at least one task of every meta-step: use --meta-batch >= {world} (a multiple of "
+              f"{world} keeps the ranks equally busy) or fewer processes.")
     run: dict[str, Any] = {}
-    if args.resume:
+    ctx = None
+
+    def check_resume(world: int) -> dict[str, Any]:
         if not checkpoint.is_file():
             _fail(f"--resume: no checkpoint at {checkpoint}; start without --resume, or pass the --out of the run "
                   f"to continue.")
         try:  # before the data are loaded, which may take a while
-            read_checkpoint(checkpoint, config)
+            check_world_size(read_checkpoint(checkpoint, config), world, checkpoint)
         except CheckpointError as e:
             _fail(f"--resume: {e}")
-        run = _read_run_file(out)
-    device = _devices(args, run)
-    data_dir, cache_dir, (train_s, test_s, channels, size) = _load(config, args, run, device)
+        return _read_run_file(out)
+
+    if distributed:
+        ctx = _join(args, out, continuing=args.resume)
+        if args.resume:  # rank 0 reads the run folder; the others need not see it
+            run = bl.distributed.broadcast_object(_agree(lambda: check_resume(ctx.world_size) if ctx.is_main
+                                                         else None))
+        device = ctx.device
+        data_dir, cache_dir, (train_s, test_s, channels, size) = _load_distributed(config, args, run, ctx)
+    else:
+        if args.resume:
+            run = check_resume(1)
+        device = _devices(args, run)
+        data_dir, cache_dir, (train_s, test_s, channels, size) = _load(config, args, run, device)
+    main = ctx is None or ctx.is_main
     try:
         trainer = Trainer(config, out, train_s, test_s, device=device, in_channels=channels, image_size=size,
-                          progress=not args.quiet)
+                          progress=not args.quiet, dist=ctx)
     except ValueError as e:  # the network does not fit the images (configs' network options)
         _fail(f"config {args.config}: {e}")
     if args.resume:
@@ -380,11 +516,13 @@ def _train(args: argparse.Namespace) -> int:
             trainer.resume()
         except (FileNotFoundError, CheckpointError) as e:
             _fail(f"--resume: {e}")
-    elif checkpoint.exists():
+    elif main and checkpoint.exists():
         logger.warning("%s holds an earlier run: starting over and replacing it (pass --resume to continue it)", out)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    _write_run_file(out, config=args.config, data_dir=_absolute(data_dir), cache_dir=_absolute(cache_dir),
-                    device=str(device))
+    if main:
+        where = {"device": str(device)} if ctx is None else {"device": device.type, "world_size": ctx.world_size}
+        _write_run_file(out, config=args.config, data_dir=_absolute(data_dir), cache_dir=_absolute(cache_dir),
+                        **where)
     try:
         trainer.train()
     except KeyboardInterrupt:
@@ -394,18 +532,26 @@ def _train(args: argparse.Namespace) -> int:
             note = f"checkpoint of step {trainer.step} saved in {out}; continue with --resume"
         else:
             note = f"the checkpoint in {out} holds step {trainer.saved_step}; continue with --resume"
-        print(f"\ninterrupted: {note}", file=sys.stderr)
+        if main:
+            print(f"\ninterrupted: {note}", file=sys.stderr)
         return 130
+    except bl.distributed.DistributedError as e:
+        return _lost_rank(e, trainer, out)
     seconds = trainer.history[-1]["seconds"] if trainer.history else 0.0
-    print(f"trained {trainer.step} meta-steps ({seconds:.0f} s of training); curve: "
-          f"{out / 'learning_curve.png'}")
+    if main:
+        print(f"trained {trainer.step} meta-steps ({seconds:.0f} s of training); curve: "
+              f"{out / 'learning_curve.png'}")
     try:
         result = trainer.final_evaluation()
     except KeyboardInterrupt:
-        print(f"\ninterrupted during the final evaluation; the trained checkpoint is in {out}: evaluate it with "
-              f"python -m applications.imaml evaluate --out {out}", file=sys.stderr)
+        if main:
+            print(f"\ninterrupted during the final evaluation; the trained checkpoint is in {out}: evaluate it with "
+                  f"python -m applications.imaml evaluate --out {out}", file=sys.stderr)
         return 130
-    _report(args.config, config, result, step=trainer.step)
+    except bl.distributed.DistributedError as e:
+        return _lost_rank(e, trainer, out)
+    if main:
+        _report(args.config, config, result, step=trainer.step)
     return 0
 
 
@@ -415,25 +561,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out)
     checkpoint = out / "checkpoint.pt"
-    if not checkpoint.is_file():
-        _fail(f"no checkpoint at {checkpoint}; train first (python -m applications.imaml train --out {out} ...), "
-              f"or pass the --out of a trained run.")
-    try:
-        config = ExperimentConfig(**read_checkpoint(checkpoint)["config"])
-    except CheckpointError as e:
-        _fail(str(e))
-    run = _read_run_file(out)
-    device = _devices(args, run)
-    _, _, (train_s, test_s, channels, size) = _load(config, args, run, device)
+
+    def check() -> tuple[dict[str, Any], dict[str, Any]]:
+        if not checkpoint.is_file():
+            _fail(f"no checkpoint at {checkpoint}; train first (python -m applications.imaml train --out {out} ...), "
+                  f"or pass the --out of a trained run.")
+        try:
+            saved = read_checkpoint(checkpoint)["config"]
+        except CheckpointError as e:
+            _fail(str(e))
+        return saved, _read_run_file(out)
+
+    ctx = None
+    if bl.distributed.launched():
+        ctx = _join(args, out, continuing=True)
+        saved, run = bl.distributed.broadcast_object(_agree(lambda: check() if ctx.is_main else None))
+        config = ExperimentConfig(**saved)
+        device = ctx.device
+        _, _, (train_s, test_s, channels, size) = _load_distributed(config, args, run, ctx)
+    else:
+        saved, run = check()
+        config = ExperimentConfig(**saved)
+        device = _devices(args, run)
+        _, _, (train_s, test_s, channels, size) = _load(config, args, run, device)
     trainer = Trainer(config, out, train_s, test_s, device=device, in_channels=channels, image_size=size,
-                      progress=not args.quiet)
+                      progress=not args.quiet, dist=ctx)
     try:
         trainer.resume(training=False)
     except (FileNotFoundError, CheckpointError) as e:
         _fail(str(e))
     filename = f"eval-{args.episodes}.json"
     result = trainer.final_evaluation(args.episodes, filename=filename)
-    _report(out.name, config, result, step=trainer.step, file=str(out / filename))
+    if trainer.is_main:
+        _report(out.name, config, result, step=trainer.step, file=str(out / filename))
     return 0
 
 
@@ -442,28 +602,68 @@ def main(argv: list[str] | None = None) -> int:
 
     A mistake (arguments, data, run folder, checkpoint) prints one line
     ``error: ...`` on stderr and raises ``SystemExit(2)``; an interruption
-    returns 130.
+    returns 130. Under torchrun, rank 0 prints the mistakes and results; a
+    failed collective (a rank died, or hung past ``--dist-timeout``) prints
+    ``error: ...`` on each rank that saw it and returns 1.
     """
+    global _PRINTS_ERRORS
     argv = sys.argv[1:] if argv is None else list(argv)
+    distributed = bl.distributed.launched()
+    rank = os.environ.get("RANK", "0") if distributed else "0"
+    _PRINTS_ERRORS = rank == "0"
     if argv[:1] == ["compare"]:  # the side-by-side has its own options (python -m applications.imaml compare -h)
+        if distributed:
+            _fail("compare runs in one process: start it with python -m applications.imaml compare ..., not "
+                  "torchrun.")
         from .compare import main as compare_main
 
         return compare_main(argv[1:])
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if rank == "0":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    else:  # the other ranks only warn, and say who they are
+        logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s rank {rank}: %(name)s: %(message)s")
     if args.command == "configs":
         for name in sorted(CONFIGS):
             c = CONFIGS[name]
-            print(f"{name:<26} {c.n_way:>2}-way {c.k_shot}-shot  {c.algorithm['name']:<9} "
-                  f"meta_batch={c.meta_batch} steps={c.meta_steps}")
+            if rank == "0":
+                print(f"{name:<26} {c.n_way:>2}-way {c.k_shot}-shot  {c.algorithm['name']:<9} "
+                      f"meta_batch={c.meta_batch} steps={c.meta_steps}")
         return 0
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads is not None else _default_threads())
     try:
-        return _train(args) if args.command == "train" else _evaluate(args)
+        status = _train(args) if args.command == "train" else _evaluate(args)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if rank == "0":
+            print("\ninterrupted", file=sys.stderr)
         return 130
+    except bl.distributed.DistributedError as e:  # a collective outside the training loop (loading, evaluating)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    if distributed and status == 0:
+        bl.distributed.shutdown()
+    return status
+
+
+def main_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """:func:`main`, then end the process with its status.
+
+    Under torchrun the process ends with :func:`os._exit` once its output is flushed (every file
+    the run writes is closed by then): torch.distributed's gloo threads may release their last
+    tensors while the interpreter shuts down, which aborts the process (SIGABRT) after the work is
+    done and would report a finished run, or an error's status, as a crash.
+    """
+    try:
+        status = main(argv)
+    except SystemExit as e:  # a mistake (status 2), or --help
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if bl.distributed.launched():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_and_exit()
