@@ -64,7 +64,8 @@ class Anderson(RootSolver):
     damping:
         Mixing ``beta`` in ``(0, 1]`` of the extrapolated map. Default 1.
     ridge:
-        Tikhonov regularisation of the small least-squares system, relative to its scale. Default 1e-10.
+        Tikhonov regularisation of the small least-squares system, relative to its scale (at least 10
+        rounding units of the dtype). Default 1e-10.
     max_iter, tol, rtol:
         See :class:`RootSolver`.
 
@@ -108,8 +109,12 @@ class Anderson(RootSolver):
         # minimise ||sum_i a_i g_i|| subject to sum_i a_i = 1, over the filled rows
         Gm = G * used[:, None]
         H = Gm @ Gm.T
-        scale = torch.clamp(torch.diagonal(H).max(), min=torch.finfo(H.dtype).tiny)
-        H = H + (self.ridge * scale) * torch.eye(m, dtype=H.dtype, device=H.device) + torch.diag((~used).to(H.dtype))
+        # the Gram matrix of m residuals in fewer than m dimensions (or of repeated ones) is singular: a ridge
+        # of at least a few rounding units of its scale keeps the solve defined in every precision
+        finfo = torch.finfo(H.dtype)
+        scale = torch.clamp(torch.diagonal(H).max(), min=finfo.tiny)
+        ridge = (max(self.ridge, 10 * finfo.eps) * scale).clamp(min=finfo.tiny)
+        H = H + ridge * torch.eye(m, dtype=H.dtype, device=H.device) + torch.diag((~used).to(H.dtype))
         ones = used.to(H.dtype)
         w = torch.linalg.solve(H, ones)
         a = w / w.sum()
