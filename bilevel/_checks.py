@@ -64,7 +64,7 @@ def check_scalar(value: Any, what: str) -> torch.Tensor:
             f"{what} must return a scalar, got a tensor of shape {tuple(value.shape)}; "
             f"reduce it with .sum() or .mean()."
         )
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())
 
 
 def check_positive_int(value: Any, what: str, allow_zero: bool = False) -> int:
