@@ -22,6 +22,14 @@ from .._checks import check_finite_tree, check_floating, check_like, check_nonne
 __all__ = ["RootProblem", "FixedPointProblem", "CompositeProblem"]
 
 
+def _like_phi(out: Any, phi: Any, what: str, fix: str) -> Any:
+    """``out``, after checking that it has ``phi``'s structure and shapes (else a ValueError with ``fix``)."""
+    spec, phi_spec = _tree.tree_spec(out, what), _tree.tree_spec(phi)
+    if not _tree.same_structure(spec, phi_spec):
+        raise ValueError(f"{what} returned {spec.describe()}, but phi is {phi_spec.describe()}; {fix}.")
+    return out
+
+
 class RootProblem:
     """An inner solution ``phi*(theta)`` defined by ``F(phi*, theta, data) = 0``.
 
@@ -62,12 +70,8 @@ class RootProblem:
 
     def residual(self, phi: Any, theta: Any, data: Any) -> Any:
         """``F(phi, theta, data)``, checked to have ``phi``'s structure."""
-        out = self._residual(phi, theta, data)
-        spec = _tree.tree_spec(out, f"the residual of {self.name!r}")
-        if not _tree.same_structure(spec, _tree.tree_spec(phi)):
-            raise ValueError(f"the residual of {self.name!r} returned {spec.describe()}, but phi is "
-                             f"{_tree.tree_spec(phi).describe()}; F must have phi's structure and shapes.")
-        return out
+        return _like_phi(self._residual(phi, theta, data), phi, f"the residual of {self.name!r}",
+                         "F must have phi's structure and shapes")
 
     def mapping(self, phi: Any, theta: Any, data: Any) -> Any:
         """The fixed-point map whose fixed points are the roots: ``phi - F(phi)`` (overridden by subclasses)."""
@@ -126,19 +130,16 @@ class FixedPointProblem(RootProblem):
                          name=name or getattr(mapping, "__name__", "mapping"))
 
     def _fixed_point_residual(self, phi: Any, theta: Any, data: Any) -> Any:
-        return _tree.map(lambda p, t: p - t, phi, self._checked_mapping(phi, theta, data))
+        return _tree.map(lambda p, t: p - t, phi, self.mapping(phi, theta, data))
 
-    def _checked_mapping(self, phi: Any, theta: Any, data: Any) -> Any:
-        out = self._mapping(phi, theta, data)
-        spec = _tree.tree_spec(out, f"the mapping {self.name!r}")
-        if not _tree.same_structure(spec, _tree.tree_spec(phi)):
-            raise ValueError(f"the mapping {self.name!r} returned {spec.describe()}, but phi is "
-                             f"{_tree.tree_spec(phi).describe()}; T must map phi to a tree like phi.")
-        return out
+    def residual(self, phi: Any, theta: Any, data: Any) -> Any:
+        """``phi - T(phi, theta, data)`` (the mapping's structure is checked once, in :meth:`mapping`)."""
+        return self._fixed_point_residual(phi, theta, data)
 
     def mapping(self, phi: Any, theta: Any, data: Any) -> Any:
-        """``T(phi, theta, data)``."""
-        return self._checked_mapping(phi, theta, data)
+        """``T(phi, theta, data)``, checked to have ``phi``'s structure."""
+        return _like_phi(self._mapping(phi, theta, data), phi, f"the mapping {self.name!r}",
+                         "T must map phi to a tree like phi")
 
 
 class CompositeProblem(RootProblem):
