@@ -8,6 +8,7 @@ loop); under ``torch.func.grad`` the backward runs with ``torch.func`` derivativ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -83,8 +84,10 @@ def _argmin_backward(ctx, *grad_phi: torch.Tensor):
         check_finite_tree(cot_flat, "the gradient reaching argmin's phi from the outer loss",
                           "the outer loss (or what follows argmin) is not finite; check it, e.g. with "
                           "torch.autograd.set_detect_anomaly(True)")
+    known = cfg.result.grad_norm if isinstance(cfg.result, SolveResult) else None  # the solver's last measurement
     vjp, hyper_grads, info = _core(cfg.problem, theta_flat, cfg.theta_spec, phi_flat, cfg.phi_spec, data,
-                                   cot_flat, cfg.linear_solver, cfg.hvp, [h.detach() for h in hyper])
+                                   cot_flat, cfg.linear_solver, cfg.hvp, [h.detach() for h in hyper],
+                                   inner_grad_norm=known if isinstance(known, float) and math.isfinite(known) else None)
     cfg.backward_info = info
     if isinstance(cfg.result, SolveResult):
         cfg.result.backward = info

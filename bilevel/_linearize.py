@@ -31,12 +31,13 @@ def check_hvp(problem: InnerProblem, mode: str) -> str:
 
 
 def linearize(problem: InnerProblem, phi_flat: torch.Tensor, phi_spec: _tree.TreeSpec, theta_flat: torch.Tensor,
-              theta_spec: _tree.TreeSpec, data: Any, hyper: list[torch.Tensor], mode: str
-              ) -> Linearization | GaussNewtonLinearization:
+              theta_spec: _tree.TreeSpec, data: Any, hyper: list[torch.Tensor], mode: str,
+              grad_norm: float | None = None) -> Linearization | GaussNewtonLinearization:
     """The curvature of ``G`` at ``(phi, theta)`` in flat coordinates.
 
     Inside a ``torch.func`` transform, ``"reverse"`` becomes ``"forward"``
-    (reverse-over-reverse cannot run there).
+    (reverse-over-reverse cannot run there). ``grad_norm``: ``||grad_phi G||`` at ``phi`` when
+    already known; the Gauss-Newton modes then skip computing the gradient.
     """
     use_hyper = bool(hyper)
 
@@ -64,7 +65,8 @@ def linearize(problem: InnerProblem, phi_flat: torch.Tensor, phi_spec: _tree.Tre
                                                             hyper if use_hyper else None))
             diagonal = diagonal.detach()
         return GaussNewtonLinearization(fn, predict, criterion, rest, phi_flat, theta_flat, hyper,
-                                        jacobian=mode == "gauss_newton_jacobian", rest_diagonal=diagonal)
+                                        jacobian=mode == "gauss_newton_jacobian", rest_diagonal=diagonal,
+                                        grad_norm=grad_norm)
     if mode == "reverse" and in_transform():
         mode = "forward"
     return Linearization(fn, phi_flat, theta_flat, hyper, mode)

@@ -66,6 +66,22 @@ class Iteration:
         """``(residual norm, value or None)`` of a state, as 0-d tensors."""
         raise NotImplementedError
 
+    def measure_many(self, states: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`measure` of several states at once, as 1-D tensors (deferred runs measure in batches).
+
+        Override it with one fused operation where that is cheaper (the inner solvers: one
+        ``torch._foreach_norm`` over the gradients instead of a norm per step), and :meth:`batch`
+        to say how many states may wait to be measured.
+        """
+        pairs = [self.measure(s) for s in states]
+        values = [v for _, v in pairs]
+        return (torch.stack([r for r, _ in pairs]),
+                None if values[0] is None else torch.stack(values))
+
+    def batch(self, state: Any) -> int:
+        """How many states a deferred run keeps before measuring them together (default 1: each at once)."""
+        return 1
+
     def halt(self, state: Any) -> Any:
         """A reason carried by the state to stop after it (synced only), or None."""
         return None
@@ -163,11 +179,16 @@ def _deferred(it: Iteration, state: Any, max_iter: int, threshold: float) -> Run
     start = state
     res_t, val_t, records = [], [], []
     breaks = []  # a step flagged here is not frozen out: the analysis stops before it, and the state is replayed
+    batch = it.batch(state)
+    pending: list[Any] = []  # states waiting to be measured together
     for k in range(max_iter + 1):
-        res, val = it.measure(state)
-        res_t.append(res)
-        if val is not None:
-            val_t.append(val)
+        pending.append(state)
+        if len(pending) >= batch or k == max_iter:
+            res, val = it.measure_many(pending)
+            pending = []
+            res_t.append(res)
+            if val is not None:
+                val_t.append(val)
         if k == max_iter:
             break
         new, broke = it.step(state, k)
@@ -175,12 +196,12 @@ def _deferred(it: Iteration, state: Any, max_iter: int, threshold: float) -> Run
             breaks.append(broke)
         records.append(it.record(new))
         state = new
-    res = torch.stack(res_t)
-    vals = torch.stack(val_t) if val_t else None
+    res = torch.cat(res_t)
+    vals = torch.cat(val_t) if val_t else None
     dtype = res.dtype if vals is None else torch.promote_types(res.dtype, vals.dtype)  # exact: no rounding
     parts = [res.to(dtype)] + ([vals.to(dtype)] if val_t else []) + ([torch.stack(breaks).to(dtype)] if breaks else [])
     table = torch.cat(parts).tolist()  # the read-back, once
-    n = len(res_t)
+    n = res.numel()
     res_l = table[:n]
     val_l = table[n:2 * n] if val_t else None
     brk_l = [bool(v) for v in table[-len(breaks):]] if breaks else None

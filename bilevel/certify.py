@@ -22,7 +22,8 @@ from ._adaptive import _adaptive, _check_linear_solver_arg, _estimated_constants
 from ._checks import ConvergenceWarning, check_finite_tree
 from ._functorch import in_transform
 from ._linearize import check_hvp
-from .implicit import _PHI_HINT, ImplicitInfo, _core, _flat_detached, _measured_curvature, _outer_grads, implicit_vjp
+from .implicit import (_PHI_HINT, ImplicitInfo, _core, _flat_detached, _measured_curvature, _outer_grads,
+                       _implicit_vjp, solved_point)
 from .linalg.base import LinearSolver
 from .linalg.hvp import DEFAULT_HVP_MODE
 from .linalg.registry import get as get_linear_solver
@@ -48,7 +49,9 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
     theta:
         Outer variables (tensor or tree).
     phi:
-        An (approximate) minimiser of ``G(., theta)``.
+        An (approximate) minimiser of ``G(., theta)``, or the :class:`bilevel.SolveResult` of
+        ``bl.solve`` for this ``theta`` and ``data`` (its last ``grad_norm`` is reused, see
+        :func:`bilevel.implicit_vjp`).
     data:
         The inner problem's data.
     linear_solver, hvp:
@@ -129,6 +132,7 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
     >>> float((g - ref.hypergradient()).norm()) <= 1e-6
     True
     """
+    phi, known_norm = solved_point(phi)
     problem.validate(theta, data)
     problem.check_phi(phi, theta, "phi")
     if constants is not None and not isinstance(constants, _bounds.Constants):
@@ -153,7 +157,7 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
                          "or drop solver.")
     cot, direct, depends_on_theta = _outer_grads(outer, theta, phi)
     if constants is None:
-        vjp, info = implicit_vjp(problem, theta, phi, data, cot, linear_solver=linear_solver, hvp=hvp)
+        vjp, info = _implicit_vjp(problem, theta, phi, data, cot, linear_solver, hvp, known_norm)
         return _tree.map(torch.add, direct, vjp), info
     check_finite_tree(phi, "phi", _PHI_HINT)
     check_finite_tree(cot, "the outer gradient", "the outer loss gradient overflowed; check the outer loss")
@@ -164,7 +168,7 @@ def hypergradient(problem: InnerProblem, outer: Callable[[Any, Any], torch.Tenso
     phi_flat, phi_spec = _flat_detached(phi, "phi")
     cot_flat, _ = _flat_detached(cot, "cotangent")
     vjp, _, info = _core(problem, theta_flat, theta_spec, phi_flat, phi_spec, data, cot_flat,
-                         get_linear_solver(linear_solver), hvp, [], check_residual=True)
+                         get_linear_solver(linear_solver), hvp, [], check_residual=True, inner_grad_norm=known_norm)
     info.certificate = _bounds.certificate(
         constants, inner_grad_norm=info.inner_grad_norm, residual_norm=info.true_residual_norm,
         outer_grad_norm=torch.linalg.vector_norm(cot_flat).item(), estimated=estimated,

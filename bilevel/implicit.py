@@ -22,6 +22,7 @@ iMAML's proximal ``G`` this is the paper's Eq. 6,
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ from .linalg.base import LinearSolveInfo, LinearSolver, LinearSolveStatus
 from .linalg.hvp import DEFAULT_HVP_MODE
 from .linalg.registry import get as get_linear_solver
 from .problem import InnerProblem
+from .solvers.result import SolveResult
 
 __all__ = ["ImplicitInfo", "implicit_vjp"]
 
@@ -126,15 +128,18 @@ class ImplicitInfo:
 def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.TreeSpec, phi_flat: torch.Tensor,
           phi_spec: _tree.TreeSpec, data: Any, cotangent: torch.Tensor, linear_solver: LinearSolver,
           hvp: str, hyper: list[torch.Tensor], *, check_residual: bool = False, x0: torch.Tensor | None = None,
-          keep: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor], ImplicitInfo]:
+          keep: dict | None = None, inner_grad_norm: float | None = None
+          ) -> tuple[torch.Tensor, list[torch.Tensor], ImplicitInfo]:
     """Flat engine: returns ``(-d_theta <grad G, v>, [-d_hyper <grad G, v>], info)``.
 
     ``check_residual``: recompute ``||cotangent - H v||`` with one more HVP (for certificates).
     ``x0``: warm start of the linear solve. ``keep``: receives ``v`` under ``"v"``.
+    ``inner_grad_norm``: ``||grad_phi G||`` at ``phi`` if known (an inner solve's), not recomputed.
     """
     with explain_transform_errors(f"the implicit backward (hvp={hvp!r})"):
         # inside torch.func transforms (vmap over tasks) "reverse" runs as "forward"
-        lin = linearize(problem, phi_flat, phi_spec, theta_flat, theta_spec, data, hyper, hvp)
+        lin = linearize(problem, phi_flat, phi_spec, theta_flat, theta_spec, data, hyper, hvp,
+                        grad_norm=inner_grad_norm)
         b = cotangent.detach()
         # the Hessian is symmetric (the Gauss-Newton matrix too): its transposed product is itself, which a
         # solver on the normal equations needs; the others are called as they always were
@@ -145,7 +150,12 @@ def _core(problem: InnerProblem, theta_flat: torch.Tensor, theta_spec: _tree.Tre
             true_res = torch.linalg.vector_norm(b - lin.hvp(v.detach())).item()
         mixed = lin.mixed_vjp(v)
         # values cannot be read back inside a torch.func transform (vmap over tasks)
-        inner_gn = float("nan") if in_transform() else torch.linalg.vector_norm(lin.grad).item()
+        if in_transform():
+            inner_gn = float("nan")
+        elif inner_grad_norm is not None:
+            inner_gn = inner_grad_norm
+        else:
+            inner_gn = torch.linalg.vector_norm(lin.grad).item()
     lin.release()
     if keep is not None:
         keep["v"] = v.detach()
@@ -180,7 +190,11 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
     theta:
         Outer variables (tensor or tree).
     phi:
-        An (approximate) minimiser of ``G(., theta)``, e.g. ``bl.solve(...).phi``.
+        An (approximate) minimiser of ``G(., theta)``, e.g. ``bl.solve(...).phi``, or the
+        :class:`bilevel.SolveResult` of ``bl.solve`` for this ``theta`` and ``data``: its
+        ``grad_norm`` is then reused for ``info.inner_grad_norm`` instead of computing the inner
+        gradient once more (with ``hvp="gauss_newton"`` / ``"gauss_newton_jacobian"`` that saves a
+        forward and backward pass through the network).
     data:
         The inner problem's data.
     cotangent:
@@ -217,7 +231,14 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
     >>> vjp  # dphi*/dtheta = lam / (1 + lam) = 0.5
     tensor([0.5000, 0.5000])
     """
+    phi, known_norm = solved_point(phi)
     problem.validate(theta, data)
+    return _implicit_vjp(problem, theta, phi, data, cotangent, linear_solver, hvp, known_norm)
+
+
+def _implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotangent: Any,
+                  linear_solver: str | LinearSolver, hvp: str, known_norm: float | None) -> tuple[Any, ImplicitInfo]:
+    """:func:`implicit_vjp` after ``problem.validate(theta, data)``, with ``phi`` unwrapped."""
     problem.check_phi(phi, theta, "phi")
     check_finite_tree(phi, "phi", _PHI_HINT)
     check_hvp(problem, hvp)
@@ -230,8 +251,20 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
     check_finite_tree(cotangent, "cotangent", "the outer loss gradient overflowed; check the outer loss")
     cot_flat, _ = _flat_detached(cotangent, "cotangent")
     vjp, _, info = _core(problem, theta_flat, theta_spec, phi_flat, phi_spec, data, cot_flat,
-                         get_linear_solver(linear_solver), hvp, [])
+                         get_linear_solver(linear_solver), hvp, [], inner_grad_norm=known_norm)
     return _tree.unflatten(vjp, theta_spec), info
+
+
+def solved_point(phi: Any) -> tuple[Any, float | None]:
+    """``(phi, ||grad_phi G|| at phi or None)`` from a point or a :class:`bilevel.SolveResult`.
+
+    A result's ``grad_norm`` is its solver's last measurement at ``result.phi``: the engine reuses it
+    instead of computing the inner gradient again (``nan``, as under ``vmap``, is not reused).
+    """
+    if isinstance(phi, SolveResult):
+        norm = phi.grad_norm
+        return phi.phi, (norm if isinstance(norm, float) and math.isfinite(norm) else None)
+    return phi, None
 
 
 def _outer_grads(outer: Callable[[Any, Any], torch.Tensor], theta: Any, phi: Any) -> tuple[Any, Any, bool]:

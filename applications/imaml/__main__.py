@@ -63,6 +63,13 @@ def _default_threads() -> int:
     return max(1, min(DEFAULT_THREADS, (os.cpu_count() or 1) // max(1, per_node)))
 
 
+def _workers(args: argparse.Namespace, device: str | torch.device) -> int:
+    """Tasks adapted at once: ``--workers``, else the torch threads on a CPU (one per task) and 1 on a GPU."""
+    if args.workers is not None:
+        return args.workers
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
 def build_samplers(config: ExperimentConfig, data_dir: str, *, cache_dir: str | None, download: bool,
                    device: torch.device, progress: bool):
     """Load the data set and return ``(train_sampler, test_sampler, in_channels, image_size)``."""
@@ -295,6 +302,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"CPU threads for torch (default {DEFAULT_THREADS}: two where the machine has them; "
                         f"measured 1.35x faster than one on the 3-block net, more mostly contend; under torchrun "
                         f"the cores are shared among the node's processes)")
+    p.add_argument("--workers", type=_integer(1, "workers"), default=None,
+                   help="tasks adapted at once, each on one CPU thread (default: --threads on a CPU, 1 on a GPU; "
+                        "1 puts all the threads inside each operation of one task instead, which is slower on "
+                        "the small networks of few-shot learning)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--dist-timeout", type=_number("seconds"), default=None,
                    help=f"under torchrun: seconds a rank waits for the others before the job ends with an error "
@@ -508,7 +519,7 @@ def _train(args: argparse.Namespace) -> int:
     main = ctx is None or ctx.is_main
     try:
         trainer = Trainer(config, out, train_s, test_s, device=device, in_channels=channels, image_size=size,
-                          progress=not args.quiet, dist=ctx)
+                          progress=not args.quiet, dist=ctx, workers=_workers(args, device))
     except ValueError as e:  # the network does not fit the images (configs' network options)
         _fail(f"config {args.config}: {e}")
     if args.resume:
@@ -585,7 +596,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         device = _devices(args, run)
         _, _, (train_s, test_s, channels, size) = _load(config, args, run, device)
     trainer = Trainer(config, out, train_s, test_s, device=device, in_channels=channels, image_size=size,
-                      progress=not args.quiet, dist=ctx)
+                      progress=not args.quiet, dist=ctx, workers=_workers(args, device))
     try:
         trainer.resume(training=False)
     except (FileNotFoundError, CheckpointError) as e:

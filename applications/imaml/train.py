@@ -221,16 +221,21 @@ def evaluate(learner: MetaLearner, theta: dict[str, torch.Tensor], sampler, epis
     remaining = episodes
     while remaining > 0:
         ep = sampler.sample(min(batch_size, remaining))
-        for i in range(ep.support_x.shape[0]):
-            phi = learner.adapt(theta, ep.support_x[i], ep.support_y[i], log_lam)
-            with torch.no_grad():
-                pred = learner.logits(phi, ep.query_x[i]).argmax(-1)
-            accs.append((pred == ep.query_y[i]).float().mean())
-            bar.update(1)
+        accs += learner.map(lambda i: _episode_accuracy(learner, theta, ep, i, log_lam), ep.support_x.shape[0])
+        bar.update(ep.support_x.shape[0])
         remaining -= ep.support_x.shape[0]
     bar.close()
     mean, ci = confidence_interval(torch.stack(accs))
     return EvalResult(mean, ci, len(accs), time.perf_counter() - start)
+
+
+def _episode_accuracy(learner: MetaLearner, theta: dict[str, torch.Tensor], ep, i: int,
+                      log_lam: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Query accuracy of episode ``i`` of ``ep`` after adapting to its support set (a 0-d float tensor)."""
+    phi = learner.adapt(theta, ep.support_x[i], ep.support_y[i], log_lam)
+    with torch.no_grad():
+        pred = learner.logits(phi, ep.query_x[i]).argmax(-1)
+    return (pred == ep.query_y[i]).float().mean()
 
 
 def _evaluate_distributed(learner, theta, sampler, episodes, *, log_lam, batch_size, progress, dist) -> EvalResult:
@@ -243,11 +248,10 @@ def _evaluate_distributed(learner, theta, sampler, episodes, *, log_lam, batch_s
     while done < episodes:
         ep = sampler.sample(min(batch_size, episodes - done))
         n = ep.support_x.shape[0]
-        for i in bl.distributed.shard_range(n):
-            phi = learner.adapt(theta, ep.support_x[i], ep.support_y[i], log_lam)
-            with torch.no_grad():
-                pred = learner.logits(phi, ep.query_x[i]).argmax(-1)
-            accs[done + i] = (pred == ep.query_y[i]).float().mean()  # the float32 value, exactly
+        mine = bl.distributed.shard_range(n)
+        for i, acc in zip(mine, learner.map(lambda j: _episode_accuracy(learner, theta, ep, mine[j], log_lam),
+                                            len(mine))):
+            accs[done + i] = acc  # the float32 value, exactly
         done += n
         bar.update(n)
     bar.close()
@@ -281,6 +285,9 @@ class Trainer:
         rank 0 writes files and shows progress bars. :meth:`train`, :meth:`save`,
         :meth:`resume`, :func:`evaluate` and :meth:`final_evaluation` are then collective: every
         rank calls them at the same point.
+    workers:
+        Tasks adapted at once on CPU threads (:class:`applications.imaml.algorithms.MetaLearner`'s
+        ``workers``; default 1). The command line gives its ``--threads`` on a CPU.
 
     Raises
     ------
@@ -290,7 +297,7 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, train_sampler, test_sampler, *,
                  device: str | torch.device = "cpu", in_channels: int = 1, image_size: int = 28,
-                 progress: bool = True, dist: bl.distributed.Context | None = None):
+                 progress: bool = True, dist: bl.distributed.Context | None = None, workers: int = 1):
         self.dist = dist if dist is not None and dist.enabled else None
         self.is_main = self.dist is None or self.dist.is_main
         if self.dist is not None and config.meta_batch < self.dist.world_size:
@@ -307,7 +314,7 @@ class Trainer:
         net = dict(config.network)
         scheme = net.pop("init", "he")
         self.model = ConvNet(config.n_way, in_channels=in_channels, image_size=image_size, **net).to(self.device)
-        self.learner = MetaLearner(self.model, AlgorithmConfig(**config.algorithm))
+        self.learner = MetaLearner(self.model, AlgorithmConfig(**config.algorithm), workers=workers)
         self.theta = init_params(self.model, seed=config.seed, device=self.device, scheme=scheme)
         self.log_lam = None
         if self.learner.config.learn_lam:

@@ -33,6 +33,7 @@ And one approximation, for losses of predictions (:class:`bilevel.PredictionLoss
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Sequence
 
@@ -55,6 +56,10 @@ EXACT_HVP_MODES = ("reverse", "forward")
 #: Chosen by ``benchmarks/hvp_modes.py``: on CPU, for one task, reverse-over-reverse
 #: with the graph reused across products was faster (see benchmarks/README.md).
 DEFAULT_HVP_MODE = "reverse"
+#: torch's forward-mode AD keeps one dual level for the whole process, so two threads must not be inside
+#: ``fwAD.dual_level()`` at once: the Gauss-Newton products below hold this lock for their forward-mode pass
+#: (the curvature modes ``"reverse"`` and ``"gauss_newton_jacobian"`` use no forward mode outside transforms).
+_FORWARD_AD_LOCK = threading.Lock()
 
 
 def check_mode(mode: str) -> str:
@@ -156,14 +161,16 @@ class GaussNewtonLinearization:
     With ``jacobian=True`` (mode ``"gauss_newton_jacobian"``) the Jacobian
     ``J`` (``m x n`` for ``m`` outputs) and ``H_c`` (``m x m``) are built once
     and kept until :meth:`release`; a product is then ``J^T (H_c (J v))``.
-    ``rest_diagonal`` (flat, like ``x``): the Hessian of ``rest`` when it is a
-    constant diagonal (:meth:`bilevel.ProximalProblem.proximal_diagonal`),
-    used instead of differentiating ``rest`` twice per product.
+    ``rest_diagonal`` (flat, like ``x``): given when ``rest`` is the proximal
+    term ``1/2 (x - y)^T D (x - y)`` with this constant diagonal ``D``
+    (:meth:`bilevel.ProximalProblem.proximal_diagonal`); its Hessian ``D`` and,
+    without ``extra``, its mixed term ``-D v`` are then used as they are instead
+    of differentiating ``rest``.
     """
 
     def __init__(self, fn: Callable, predict: Callable, criterion: Callable, rest: Callable, x: torch.Tensor,
                  y: torch.Tensor, extra: Sequence[torch.Tensor] = (), *, jacobian: bool = False,
-                 rest_diagonal: torch.Tensor | None = None):
+                 rest_diagonal: torch.Tensor | None = None, grad_norm: float | None = None):
         self.predict, self.criterion, self.rest = predict, criterion, rest
         self.mode = "gauss_newton_jacobian" if jacobian else "gauss_newton"
         self.x = x.detach()
@@ -173,7 +180,12 @@ class GaussNewtonLinearization:
         self._rest_diagonal = rest_diagonal
         self._J: torch.Tensor | None = None
         self._H: torch.Tensor | None = None
-        if in_transform():
+        #: ``||grad_x fn||`` when the caller knew it (an inner solver's last measurement): ``grad`` is then not
+        #: computed (nothing here needs it but that norm)
+        self.grad_norm = None if in_transform() else grad_norm
+        if self.grad_norm is not None:
+            self.grad = None
+        elif in_transform():
             self.grad = torch.func.grad(fn, argnums=0)(self.x, self.y, self.extra).detach()
         else:  # autograd holds fewer temporaries than torch.func.grad here
             with torch.enable_grad():
@@ -186,23 +198,24 @@ class GaussNewtonLinearization:
             self._build_jacobian()
 
     def _build_jacobian(self) -> None:
-        """``J`` (outputs flattened, by ``x``) and the criterion's Hessian on the flattened outputs."""
+        """The Jacobian's rows that matter, and the criterion's Hessian on the flattened outputs.
+
+        Outside transforms ``H_c = U diag(s) U^T`` is factored and only its ``r`` directions with
+        ``|s|`` above rounding are kept: ``R = diag(sqrt|s|) U^T`` (``r x m``), and ``R J`` is built
+        with one vector-Jacobian product per row of ``R`` on one retained graph. Then
+        ``J^T H_c J = (R J)^T diag(sign s) (R J)``: the same matrix, from fewer products where ``H_c``
+        is singular (cross-entropy: each example's block has rank ``classes - 1``, so 5-way 1-shot
+        needs 20 products instead of 25). Under ``vmap`` the whole Jacobian comes from
+        :func:`torch.func.jacrev`.
+        """
         with torch.enable_grad():
-            if in_transform():  # under vmap: torch.func's reverse-mode Jacobian
+            if in_transform():
                 x = self.x
-                out = self.predict(x)
-                leaves, out_spec = _pytree.tree_flatten(out)
-                J = torch.func.jacrev(lambda z: torch.cat([t.reshape(-1) for t in
-                                                           _pytree.tree_flatten(self.predict(z))[0]]))(x)
-            else:  # one retained graph, one vector-Jacobian product per output (cheaper than a batched one here)
+            else:
                 x = self.x.detach().requires_grad_(True)
-                out = self.predict(x)
-                leaves, out_spec = _pytree.tree_flatten(out)
-                flat_out = torch.cat([t.reshape(-1) for t in leaves])
-                rows = [torch.autograd.grad(flat_out[i], x, retain_graph=i + 1 < flat_out.numel(),
-                                            allow_unused=True)[0] for i in range(flat_out.numel())]
-                J = torch.stack([torch.zeros_like(x) if r is None else r for r in rows])
-        leaves = [t.detach() for t in leaves]
+            out = self.predict(x)
+            leaves, out_spec = _pytree.tree_flatten(out)
+            flat_out = torch.cat([t.reshape(-1) for t in leaves])
         shapes = [t.shape for t in leaves]
         sizes = [t.numel() for t in leaves]
 
@@ -210,14 +223,30 @@ class GaussNewtonLinearization:
             parts = [p.reshape(shape) for p, shape in zip(torch.split(z, sizes), shapes)]
             return self.criterion(_pytree.tree_unflatten(parts, out_spec))
 
-        self._J = J.detach()
-        self._H = torch.func.hessian(crit_flat)(torch.cat([t.reshape(-1) for t in leaves])).detach()
+        # reverse over reverse (m x m, small): no forward mode, so tasks on several threads may build it at once
+        H = torch.func.jacrev(torch.func.grad(crit_flat))(flat_out.detach()).detach()
+        if in_transform():
+            J = torch.func.jacrev(lambda z: torch.cat([t.reshape(-1) for t in
+                                                       _pytree.tree_flatten(self.predict(z))[0]]))(x)
+            self._J, self._H = J.detach(), H
+            return
+        s, U = torch.linalg.eigh(0.5 * (H + H.T))
+        scale = float(s.abs().max()) if s.numel() else 0.0
+        keep = s.abs() > scale * max(1, s.numel()) * torch.finfo(s.dtype).eps
+        rows_of_r = (s[keep].abs().sqrt()[:, None] * U[:, keep].T).to(flat_out.dtype)
+        r = rows_of_r.shape[0]
+        rows = [torch.autograd.grad(flat_out, x, rows_of_r[i], retain_graph=i + 1 < r, allow_unused=True)[0]
+                for i in range(r)]
+        rows = [torch.zeros_like(self.x) if g is None else g.detach() for g in rows]
+        self._J = torch.stack(rows) if rows else self.x.new_zeros((0, self.x.numel()))
+        self._H = torch.sign(s[keep]).to(self.x.dtype)  # a diagonal of signs (+1 for a convex criterion)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``(J^T H_c J + d2rest/dx2) v`` (1-D, like ``x``)."""
         self.count += 1
         if self._J is not None:
-            jt = self._J.T @ (self._H @ (self._J @ v))
+            Jv = self._J @ v
+            jt = self._J.T @ (self._H * Jv if self._H.dim() == 1 else self._H @ Jv)
         elif in_transform():  # under vmap: torch.func throughout
             with warnings.catch_warnings():  # torch's first forward-mode call emits an internal deprecation
                 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
@@ -230,13 +259,15 @@ class GaussNewtonLinearization:
             del pullback, hjv
         else:  # outside transforms the autograd APIs hold fewer temporaries than torch.func's (measured on the
             # 4-conv net, 20-way 5-shot: the peak of a Gauss-Newton backward fell from 158 to 119 MiB)
-            with torch.no_grad(), fwAD.dual_level():
+            with _FORWARD_AD_LOCK, torch.no_grad(), fwAD.dual_level():
                 duals = self.predict(fwAD.make_dual(self.x, v))
                 out = _pytree.tree_map(lambda t: fwAD.unpack_dual(t).primal, duals)
                 jv = _pytree.tree_map(lambda t: fwAD.unpack_dual(t).tangent, duals)
                 del duals
-            _, hjv = torch.func.jvp(self._crit_grad, (out,), (jv,))
-            del jv
+            # H_c jv as the transposed product of grad(criterion) (H_c is symmetric): reverse mode, lock-free
+            _, crit_pullback = torch.func.vjp(self._crit_grad, out)
+            (hjv,) = crit_pullback(jv)
+            del jv, crit_pullback
             with torch.enable_grad():
                 x = self.x.detach().requires_grad_(True)
                 outs, cots = _pytree.tree_flatten(self.predict(x))[0], _pytree.tree_flatten(hjv)[0]
@@ -249,6 +280,9 @@ class GaussNewtonLinearization:
 
     def mixed_vjp(self, v: torch.Tensor) -> list[torch.Tensor]:
         """``[d_y <grad_x rest, v>, *d_extra <grad_x rest, v>]`` (the predictor does not depend on ``y``)."""
+        if self._rest_diagonal is not None and not self.extra:
+            # rest = 1/2 (x - y)^T D (x - y) (the proximal term, D = rest_diagonal): d_y <D (x - y), v> = -D v
+            return [-self._rest_diagonal * v]
 
         def inner(y, extra):
             return torch.dot(self._rest_grad(self.x, y, extra), v)

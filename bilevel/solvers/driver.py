@@ -91,6 +91,9 @@ class IterativeSolver(Solver):
                            self.name, fun.stats())
 
 
+#: The gradients a deferred inner run keeps at most to measure their norms in one operation.
+_MEASURE_BYTES = 8 * 2 ** 20
+
 _STATUS = {Outcome.CONVERGED: SolverStatus.CONVERGED, Outcome.MAX_ITER: SolverStatus.MAX_ITER,
            Outcome.NONFINITE: SolverStatus.NONFINITE, Outcome.DIVERGED: SolverStatus.DIVERGED,
            Outcome.BREAKDOWN: SolverStatus.NONFINITE}
@@ -106,7 +109,15 @@ class _InnerIteration(Iteration):
         return self.solver.step(self.fun, state, k), None
 
     def measure(self, state: SolverState) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.linalg.vector_norm(state.grad), state.value.detach()
+        return torch.linalg.vector_norm(state.grad), state.value  # value_and_grad's values are detached
+
+    def measure_many(self, states: list[SolverState]) -> tuple[torch.Tensor, torch.Tensor]:
+        # one fused norm over the batch (the same numbers as vector_norm one by one)
+        return torch.stack(torch._foreach_norm([s.grad for s in states])), torch.stack([s.value for s in states])
+
+    def batch(self, state: SolverState) -> int:
+        # up to 32 states wait to be measured, holding at most ~8 MiB of gradients
+        return max(1, min(32, _MEASURE_BYTES // max(1, state.grad.numel() * state.grad.element_size())))
 
     def halt(self, state: SolverState) -> SolverStatus | None:
         return state.status

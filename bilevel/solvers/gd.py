@@ -96,7 +96,7 @@ class GradientDescent(IterativeSolver):
     def step(self, fun: Objective, state: SolverState, k: int) -> SolverState:
         g = state.grad
         if self.step_size is not None:
-            x = state.x - self.step_size * g
+            x = torch.add(state.x, g, alpha=-self.step_size)  # one kernel, as torch.optim.SGD steps
             value, grad = fun.value_and_grad(x)
             return SolverState(x, value, grad, aux=state.aux)
         found = backtracking(fun, state.x, state.value, -g, -float(torch.dot(g, g)), state.aux["t"] * self.growth,

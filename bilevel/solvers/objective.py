@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from .. import tree as _tree
-from .._checks import detached_objective_error
+from .._checks import check_scalar, detached_objective_error
 from .._functorch import in_transform
 from ..linalg.hvp import hvp as _hvp
-from ..problem import InnerProblem
+from ..problem import InnerProblem, ProximalProblem
 
 __all__ = ["Objective"]
 
@@ -45,6 +45,14 @@ class Objective:
         self.nhvp = 0
         #: inside a torch.func transform (vmap over tasks): derivatives by torch.func, no read-backs
         self.functional = in_transform()
+        # iMAML's G = loss + lam/2 ||phi - theta||^2: the proximal term and its gradient on flat vectors
+        self._proximal = (problem.flat_proximal(self.theta) if isinstance(problem, ProximalProblem)
+                          and not self.functional else None)
+        # a plain InnerProblem: its objective is called directly, and its output fully checked once
+        self._plain = type(problem).value is InnerProblem.value
+        self._checked = False
+        # phi is one 1-D tensor: the flat vector is phi itself, nothing to unflatten per evaluation
+        self._flat_is_phi = spec.structure is None and len(spec.shapes[0]) == 1
 
     def unflatten(self, x: torch.Tensor) -> Any:
         """``x`` as a tree in ``phi``'s structure (views)."""
@@ -59,7 +67,17 @@ class Objective:
         if self.functional:
             return self._g(x)
         with torch.no_grad():
+            if self._proximal is not None:
+                return self._loss(x) + self._proximal_value(x - self._proximal[0])
             return self._g(x).detach()
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The loss part of a proximal problem (checked like :meth:`bilevel.ProximalProblem.value` does)."""
+        return check_scalar(self.problem.loss(self.unflatten(x), self.data), f"the loss {self.problem.name!r}")
+
+    def _proximal_value(self, d: torch.Tensor) -> torch.Tensor:
+        lam = self._proximal[1]
+        return 0.5 * lam * torch.dot(d, d) if isinstance(lam, float) else 0.5 * torch.dot(lam * d, d)
 
     def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G(x), grad G(x))``, both detached; the graph is freed before returning."""
@@ -68,12 +86,34 @@ class Objective:
         if self.functional:
             g, v = torch.func.grad_and_value(self._g)(x)
             return v, g
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            val = self.problem.value(self.unflatten(xx), self.theta, self.data)
+        if not torch.is_grad_enabled():  # the usual case needs no context entered per step
+            with torch.enable_grad():
+                return self._value_and_grad(x)
+        return self._value_and_grad(x)
+
+    def _value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = x.detach().requires_grad_(True)
+        if self._plain:
+            val = self.problem.objective(xx if self._flat_is_phi else self.unflatten(xx), self.theta, self.data)
+            if not self._checked or type(val) is not torch.Tensor or val.ndim:  # noqa: E721 (exact type)
+                val = check_scalar(val, f"the inner objective {self.problem.name!r}")
+                self._checked = True
             if not val.requires_grad:
-                raise detached_objective_error(f"the inner objective {getattr(self.problem, 'name', 'G')!r}")
+                raise detached_objective_error(f"the inner objective {self.problem.name!r}")
             (g,) = torch.autograd.grad(val, xx, allow_unused=True)
+            return val.detach(), (torch.zeros_like(x) if g is None else g)
+        if self._proximal is not None:
+            loss = self._loss(xx)
+            if not loss.requires_grad:
+                raise detached_objective_error(f"the loss {self.problem.name!r}")
+            (g,) = torch.autograd.grad(loss, xx, allow_unused=True)
+            d = x - self._proximal[0]
+            step = self._proximal[1] * d
+            return loss.detach() + self._proximal_value(d), step if g is None else g + step
+        val = self.problem.value(self.unflatten(xx), self.theta, self.data)
+        if not val.requires_grad:
+            raise detached_objective_error(f"the inner objective {getattr(self.problem, 'name', 'G')!r}")
+        (g,) = torch.autograd.grad(val, xx, allow_unused=True)
         return val.detach(), (torch.zeros_like(x) if g is None else g)
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:

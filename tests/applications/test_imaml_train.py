@@ -17,7 +17,7 @@ from applications.imaml.configs import CONFIGS, PAPER_TABLE2, ExperimentConfig, 
 from applications.imaml.data import EpisodeSampler
 from applications.imaml.model import ConvNet, init_params
 from applications.imaml.train import (CheckpointError, CheckpointMismatchError, Trainer, atomic_save,
-                                     confidence_interval)
+                                     confidence_interval, evaluate)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -434,3 +434,45 @@ def test_gauss_newton_curvature_lowers_the_meta_training_loss(name):
 def test_curvature_option_is_validated():
     with pytest.raises(ValueError, match="curvature must be one of 'exact', 'gauss_newton', 'gauss_newton_jacobian', got 'gn'"):
         AlgorithmConfig("imaml_gd", curvature="gn")
+
+
+@pytest.mark.parametrize("curvature", ["exact", "gauss_newton", "gauss_newton_jacobian"])
+def test_tasks_on_worker_threads_give_the_serial_meta_gradient(curvature):
+    """workers=3: the tasks of a meta-batch on threads (each with its own copy of the network) give the
+    serial meta-gradient, statistics and negative-curvature count (float64: equal to rounding)."""
+    torch.set_default_dtype(torch.float64)
+    net = ConvNet(3)
+    b = fixed_batch(tasks=4, seed=3)
+    batch = TaskBatch(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y)
+    out = {}
+    threads = torch.get_num_threads()
+    for workers in (1, 3):
+        theta = init_params(net, seed=7)
+        learner = MetaLearner(net, small_config("imaml_gd", vmap=False, lam=0.01, inner_steps=1, inner_lr=0.5,
+                                                curvature=curvature), workers=workers)
+        stats = learner.meta_gradient(theta, batch)
+        assert torch.get_num_threads() == threads  # map restores torch's threads
+        out[workers] = (torch.cat([t.grad.reshape(-1) for t in theta.values()]), stats)
+    torch.testing.assert_close(out[3][0], out[1][0], rtol=1e-9, atol=1e-11)
+    assert out[3][1]["negative_curvature"] == out[1][1]["negative_curvature"]
+    if curvature == "exact":  # the setting meets negative curvature: the per-task fallback is exercised
+        assert out[1][1]["negative_curvature"] > 0
+    for key in ("query_loss", "query_accuracy", "task_grad_norm_mean", "inner_grad_norm_max"):
+        assert out[3][1][key] == pytest.approx(out[1][1][key], rel=1e-9), key
+
+
+def test_evaluation_on_worker_threads_gives_the_serial_accuracies():
+    net = ConvNet(3)
+    theta = init_params(net, seed=1)
+    accs = {}
+    for workers in (1, 2):
+        learner = MetaLearner(net, small_config("imaml_gd", vmap=False), workers=workers)
+        sampler = EpisodeSampler(class_pool(seed=5), n_way=3, k_shot=1, k_query=2, seed=5)
+        res = evaluate(learner, theta, sampler, 12, batch_size=5, progress=False)
+        accs[workers] = (res.accuracy, res.ci95, res.episodes)
+    assert accs[2] == pytest.approx(accs[1], rel=1e-6)
+
+
+def test_workers_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        MetaLearner(ConvNet(3), small_config("imaml_gd"), workers=0)

@@ -248,3 +248,69 @@ def test_tree_outputs_give_the_same_products_inside_and_outside_vmap(gen, mode):
     batched = torch.func.vmap(tree.hvp)(torch.stack([v, 2 * v]))  # the torch.func branch
     torch.testing.assert_close(batched[1], 2 * expected, rtol=1e-12, atol=1e-12)
 
+
+
+def test_jacobian_mode_builds_only_the_rows_the_criterion_needs(gen):
+    """Cross-entropy's Hessian on the outputs has rank C - 1 per example: N (C - 1) vector-Jacobian
+    products build the matrix, not N C, and the products stay those of J^T H_c J."""
+    X, y = make_data(gen)
+    problem = bl.ProximalProblem(bl.PredictionLoss(mlp, "cross_entropy"), 0.5)
+    phi = random_phi(gen)
+    x, spec = T.flatten(phi)
+    lin = linearize(problem, x, spec, x.clone(), spec, (X, y), [], "gauss_newton_jacobian")
+    assert lin._J.shape == (N * (C - 1), x.numel())
+    free = linearize(problem, x, spec, x.clone(), spec, (X, y), [], "gauss_newton")
+    for _ in range(3):
+        v = torch.randn(x.shape, generator=gen)
+        torch.testing.assert_close(lin.hvp(v), free.hvp(v), rtol=1e-10, atol=1e-12)
+
+
+def test_jacobian_mode_keeps_the_sign_of_an_indefinite_criterion(gen):
+    """A criterion that is not convex: its Hessian's negative directions are kept with their sign."""
+    X, _ = make_data(gen)
+    y = torch.randn(N, C, generator=gen)
+
+    def wavy(out, data):
+        return torch.cos(out - data[1]).sum() / N
+
+    problem = bl.ProximalProblem(bl.PredictionLoss(mlp, wavy), 0.3)
+    phi = random_phi(gen)
+    x, spec = T.flatten(phi)
+    data = (X, y)
+    lin = linearize(problem, x, spec, x.clone(), spec, data, [], "gauss_newton_jacobian")
+    assert bool((lin._H < 0).any()) and bool((lin._H > 0).any())
+
+    def outputs(v):
+        return mlp(T.unflatten(v, spec), data).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(outputs, x)
+    Hc = torch.autograd.functional.hessian(lambda o: wavy(o.reshape(N, C), data), outputs(x))
+    M = J.T @ Hc @ J + 0.3 * torch.eye(x.numel())
+    v = torch.randn(x.shape, generator=gen)
+    torch.testing.assert_close(lin.hvp(v), M @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reverse", *bl.linalg.GAUSS_NEWTON_MODES])
+def test_a_solve_result_as_phi_reuses_its_gradient_norm(gen, mode):
+    """bl.hypergradient / bl.implicit_vjp take bl.solve's result for phi: the same hypergradient, and the
+    inner gradient's norm is the solver's last measurement (Gauss-Newton then skips computing it)."""
+    X, y = make_data(gen)
+    problem = bl.ProximalProblem(bl.PredictionLoss(mlp, "cross_entropy"), 0.5)
+    theta = random_phi(gen)
+    data = (X, y)
+    result = bl.solve(problem, theta, data, solver=bl.solvers.get("gd", step_size=0.2, max_iter=5, tol=0.0))
+
+    def outer(p, t):
+        return F.cross_entropy(mlp(p, data), y) + 0.1 * (t["w2"] ** 2).sum()
+
+    g_phi, info_phi = bl.hypergradient(problem, outer, theta, result.phi, data, hvp=mode)
+    g_res, info_res = bl.hypergradient(problem, outer, theta, result, data, hvp=mode)
+    for k in theta:
+        torch.testing.assert_close(g_res[k], g_phi[k], rtol=1e-12, atol=1e-14)
+    assert info_res.inner_grad_norm == result.grad_norm
+    assert info_phi.inner_grad_norm == pytest.approx(result.grad_norm, rel=1e-10)
+    cot = {k: torch.randn(v.shape, generator=gen) for k, v in theta.items()}
+    v_res, _ = bl.implicit_vjp(problem, theta, result, data, cot, hvp=mode)
+    v_phi, _ = bl.implicit_vjp(problem, theta, result.phi, data, cot, hvp=mode)
+    for k in theta:
+        torch.testing.assert_close(v_res[k], v_phi[k], rtol=1e-12, atol=1e-14)
