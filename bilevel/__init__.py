@@ -9,7 +9,7 @@
 """
 
 from . import bounds, distributed, linalg, prox, solvers, status, testing, tree, unrolled
-from .status import (BreakdownWarning, BudgetWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
+from .status import (BreakdownWarning, BudgetWarning, CompileWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
 from ._argmin import argmin
@@ -46,6 +46,7 @@ __all__ = [
     "LinearSolveStatus",
     "ConvergenceWarning",
     "BudgetWarning",
+    "CompileWarning",
     "BreakdownWarning",
     "NegativeCurvatureWarning",
     "NonFiniteWarning",

@@ -90,6 +90,13 @@ def check_positive_int(value: Any, what: str, allow_zero: bool = False) -> int:
     return int(value)
 
 
+def check_bool(value: Any, what: str) -> bool:
+    """Check that an option is a bool (not a truthy number or string) and return it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}.")
+    return value
+
+
 def check_nonneg_float(value: Any, what: str, positive: bool = False) -> float:
     """Validate a tolerance or step size given as a constructor option."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

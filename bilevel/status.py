@@ -73,6 +73,14 @@ class BreakdownWarning(ConvergenceWarning):
     """A solver stopped because something is wrong: negative curvature, divergence, NaN, a failed line search."""
 
 
+class CompileWarning(UserWarning):
+    """``compile=True`` could not compile a function with :func:`torch.compile`; the solve went on without it.
+
+    The message names the function and torch's reason. Nothing is lost but speed: the eager
+    evaluation that replaces the compiled one computes the same values.
+    """
+
+
 class NegativeCurvatureWarning(BreakdownWarning):
     """A linear solve met a direction ``p`` with ``p^T A p <= 0``: the system is not positive definite.
 

@@ -41,6 +41,27 @@ __all__ = [
 Tree = Union[torch.Tensor, dict, list, tuple, torch.nn.Module]
 
 
+class _cached:
+    """A property computed once per instance and then read from its ``__dict__``.
+
+    Like :func:`functools.cached_property`, without the lock Python 3.11's takes on every first
+    access: :func:`torch.compile` cannot trace through that lock, and a compiled objective
+    unflattens its vector through these sizes.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value
+        return value
+
+
 @dataclass(frozen=True)
 class TreeSpec:
     """The structure of a parameter tree: container layout, leaf shapes and dtype.
@@ -61,12 +82,12 @@ class TreeSpec:
     shapes: tuple[torch.Size, ...]
     paths: tuple[str, ...]
 
-    @functools.cached_property
+    @_cached
     def numels(self) -> tuple[int, ...]:
         """The number of elements of every leaf."""
         return tuple(math.prod(s) for s in self.shapes)
 
-    @functools.cached_property
+    @_cached
     def size(self) -> int:
         """The total number of elements, i.e. the length of the flat vector."""
         return sum(self.numels)

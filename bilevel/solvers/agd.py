@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._checks import check_nonneg_float, check_positive_int
+from .._checks import check_bool, check_nonneg_float, check_positive_int
 from .base import register_solver
 from .driver import IterativeSolver, SolverState
 from .objective import Objective
@@ -64,6 +64,14 @@ class AcceleratedGradientDescent(IterativeSolver):
         Backtracking factor in ``(0, 1)``. Default 0.5.
     max_backtracks:
         Trials per iteration before giving up. Default 40.
+    compile:
+        Evaluate ``G`` and its gradient with :func:`torch.compile` (``torch.func.grad_and_value``,
+        static shapes) from the second evaluation of each solve on; the first runs eagerly and checks
+        the objective. Pays where steps are many and cheap (small models, long inner loops: Python and
+        dispatch overhead dominate): see ``benchmarks/overhead.py``. The first solve of a shape pays
+        for compiling (seconds); later solves reuse it. If compiling fails, a
+        :class:`bilevel.CompileWarning` says why and the solver runs eagerly from then on. Ignored
+        inside ``torch.func`` transforms. Default False.
 
     Notes
     -----
@@ -113,8 +121,10 @@ class AcceleratedGradientDescent(IterativeSolver):
 
     def __init__(self, *, step_size: float | None = None, mu: float | None = None,
                  smoothness: float | None = None, max_iter: int = 500, tol: float = 1e-6, restart: bool = True,
-                 growth: float = 1.1, shrink: float = 0.5, max_backtracks: int = 40, rtol: float = 0.0):
+                 growth: float = 1.1, shrink: float = 0.5, max_backtracks: int = 40, rtol: float = 0.0,
+                 compile: bool = False):
         super().__init__(max_iter=max_iter, tol=tol, rtol=rtol)
+        self.compile = check_bool(compile, "compile")
         self.step_size = None if step_size is None else check_nonneg_float(step_size, "step_size", positive=True)
         self.mu = None if mu is None else check_nonneg_float(mu, "mu", positive=True)
         self.smoothness = None if smoothness is None else check_nonneg_float(smoothness, "smoothness",
@@ -140,7 +150,7 @@ class AcceleratedGradientDescent(IterativeSolver):
 
     def _options(self):
         return {**super()._options(), "step_size": self.step_size, "mu": self.mu, "smoothness": self.smoothness,
-                "restart": self.restart}
+                "restart": self.restart, **({"compile": True} if self.compile else {})}
 
     @property
     def vmappable(self) -> bool:

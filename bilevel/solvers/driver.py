@@ -73,6 +73,8 @@ class IterativeSolver(Solver):
             status = SolverStatus.UNCHECKED
             return SolveResult(run.state.x, False, self.max_iter, float("nan"), status, status.value, {},
                                float("nan"), self.name, fun.stats())
+        if getattr(self, "compile", False) and not getattr(self, "_compile_failed", False):
+            fun.enable_compile()
         # tol == 0 with a step that reads nothing back: run the budget and read back once, at the end
         state = self.init(fun, x0.detach().clone())
         threshold = self.tol
@@ -85,6 +87,8 @@ class IterativeSolver(Solver):
         for record in run.records:
             for key, item in record.items():
                 history.setdefault(key, []).append(item)
+        if fun.compile_failed:
+            self._compile_failed = True  # said once (a CompileWarning); later solves run eagerly from the start
         gn = run.residuals[-1] if run.residuals else float("nan")
         val = run.values[-1] if run.values else float("nan")
         return SolveResult(run.state.x, status.success, run.steps, gn, status, status.value, history, val,

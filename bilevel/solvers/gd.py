@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_nonneg_float, check_positive_int
+from .._checks import check_bool, check_nonneg_float, check_positive_int
 from .base import register_solver
 from .driver import IterativeSolver, SolverState
 from .linesearch import backtracking
@@ -42,6 +42,14 @@ class GradientDescent(IterativeSolver):
         (``>= 1``). Default 1.25.
     max_backtracks:
         Trials per line search before giving up. Default 40.
+    compile:
+        Evaluate ``G`` and its gradient with :func:`torch.compile` (``torch.func.grad_and_value``,
+        static shapes) from the second evaluation of each solve on; the first runs eagerly and checks
+        the objective. Pays where steps are many and cheap (small models, long inner loops: Python and
+        dispatch overhead dominate): see ``benchmarks/overhead.py``. The first solve of a shape pays
+        for compiling (seconds); later solves reuse it. If compiling fails, a
+        :class:`bilevel.CompileWarning` says why and the solver runs eagerly from then on. Ignored
+        inside ``torch.func`` transforms. Default False.
 
     Notes
     -----
@@ -67,8 +75,9 @@ class GradientDescent(IterativeSolver):
 
     def __init__(self, *, step_size: float | None = None, max_iter: int = 500, tol: float = 1e-6,
                  armijo: float = 1e-4, shrink: float = 0.5, growth: float = 1.25, max_backtracks: int = 40,
-                 rtol: float = 0.0):
+                 rtol: float = 0.0, compile: bool = False):
         super().__init__(max_iter=max_iter, tol=tol, rtol=rtol)
+        self.compile = check_bool(compile, "compile")
         self.step_size = None if step_size is None else check_nonneg_float(step_size, "step_size", positive=True)
         self.armijo = check_nonneg_float(armijo, "armijo", positive=True)
         self.shrink = check_nonneg_float(shrink, "shrink", positive=True)
@@ -85,7 +94,7 @@ class GradientDescent(IterativeSolver):
         return self.step_size is not None
 
     def _options(self):
-        opts = {**super()._options(), "step_size": self.step_size}
+        opts = {**super()._options(), "step_size": self.step_size, **({"compile": True} if self.compile else {})}
         return opts
 
     def init(self, fun: Objective, x0: torch.Tensor) -> SolverState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from .._checks import check_scalar, detached_objective_error
 from .._functorch import in_transform
 from ..linalg.hvp import hvp as _hvp
 from ..problem import InnerProblem, ProximalProblem
+from ..status import CompileWarning
 
 __all__ = ["Objective"]
 
@@ -51,8 +53,41 @@ class Objective:
         # a plain InnerProblem: its objective is called directly, and its output fully checked once
         self._plain = type(problem).value is InnerProblem.value
         self._checked = False
+        # compile=True (enable_compile): gradients from torch.compile after the first, eager, evaluation
+        self._compile = False
+        self._compiled: Any = None
+        #: set when compiling failed (the solve went on eagerly); its solver then stops trying
+        self.compile_failed = False
         # phi is one 1-D tensor: the flat vector is phi itself, nothing to unflatten per evaluation
         self._flat_is_phi = spec.structure is None and len(spec.shapes[0]) == 1
+
+    def enable_compile(self) -> None:
+        """Compute :meth:`value_and_grad` with :func:`torch.compile` from the second evaluation on.
+
+        The first evaluation runs eagerly, so a bad objective fails with this library's error, not
+        the compiler's. The compiled function (``torch.func.grad_and_value`` of ``G`` in flat
+        coordinates, static shapes) is cached by torch across solves of the same shapes, so only the
+        first solve pays for compiling. Its values equal the eager ones up to rounding (fused
+        kernels add in another order). If compiling fails, a :class:`bilevel.CompileWarning` says why
+        and the solve continues eagerly (the same values). Not inside ``torch.func`` transforms.
+        """
+        self._compile = not self.functional
+
+    def _compiled_value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._compiled is None:
+            _ = (self.spec.numels, self.spec.size)  # cached before tracing: the compiled code's guards then hold for good
+            self._compiled = torch.compile(torch.func.grad_and_value(self._g), dynamic=False)
+        try:
+            g, v = self._compiled(x)
+        except Exception as e:  # the compiler's failure (unsupported code, no C++ toolchain): continue eagerly
+            self._compile, self._compiled, self.compile_failed = False, None, True
+            reason = " ".join(str(e).split())[:300]
+            warnings.warn(CompileWarning(
+                f"compile=True: torch.compile could not compile the inner objective {self.problem.name!r} "
+                f"({type(e).__name__}: {reason}); the solve continues without compiling (the same values), "
+                f"and the solver does not try again. Pass compile=False to skip the attempt."), stacklevel=4)
+            return None
+        return v.detach(), g.detach()
 
     def unflatten(self, x: torch.Tensor) -> Any:
         """``x`` as a tree in ``phi``'s structure (views)."""
@@ -86,6 +121,10 @@ class Objective:
         if self.functional:
             g, v = torch.func.grad_and_value(self._g)(x)
             return v, g
+        if self._compile and self.nfev > 1:
+            out = self._compiled_value_and_grad(x)
+            if out is not None:
+                return out
         if not torch.is_grad_enabled():  # the usual case needs no context entered per step
             with torch.enable_grad():
                 return self._value_and_grad(x)
