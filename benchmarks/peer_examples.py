@@ -22,8 +22,7 @@ builder's docstring); none of theirs is copied. For every example there are:
     from ``bl.solvers.get`` / ``bl.linalg.get``), written as a user would; the solver and
     linear-solver objects are arguments, so a compiled variant can be plugged in;
 ``bilevel_compiled``
-    the same with compiled solvers, once ``bl.solvers.get("gd")`` has a ``compile`` option (not at
-    this commit: the factory says so);
+    the same with ``compile=True`` on the inner solver (``gd``), where the example has one;
 ``hand_written``
     plain ``torch.autograd`` and a textbook conjugate gradient (:func:`conjugate_gradient`) doing the
     same steps;
@@ -213,17 +212,21 @@ class Example:
 def _bilevel_compiled(factory: Callable[..., Callable[[], Any]], solvers: Callable[[bool], dict[str, Any]]):
     """The ``bilevel_compiled`` factory of an example, built from its ``bilevel`` factory.
 
-    ------------------------------------------------------------------------------------------
-    THE PLACE FOR THE COMPILED PATH. When ``bl.solvers.get("gd")`` grows a ``compile`` option,
-    ``solvers(True)`` builds the example's solver objects with it (and the linear solver's, if
-    ``bl.linalg.get`` grows one too) and this factory times the same user code with them.
-    ------------------------------------------------------------------------------------------
+    ``solvers(True)`` builds the example's solver objects with ``compile=True`` where their class
+    takes it (the inner solvers ``gd`` and ``agd``; the linear solvers have no such option), and this
+    factory times the same user code with them. An example none of whose solvers compiles has no
+    compiled variant (:class:`Unavailable`, with the reason).
     """
     def make(data):
         available, reason = compile_status()
         if not available:
             raise Unavailable(reason)
-        return factory(data, **solvers(True))
+        objects = solvers(True)
+        if not any(getattr(obj, "compile", False) for obj in objects.values()):
+            raise Unavailable("no compiled path for this example's solvers: compile=True exists for the inner "
+                              "solvers gd and agd, and this example's inner solve is conjugate gradient "
+                              "(a linear solver) inside a callable solver")
+        return factory(data, **objects)
     return make
 
 
