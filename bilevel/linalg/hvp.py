@@ -57,9 +57,10 @@ EXACT_HVP_MODES = ("reverse", "forward")
 #: with the graph reused across products was faster (see benchmarks/README.md).
 DEFAULT_HVP_MODE = "reverse"
 #: torch's forward-mode AD keeps one dual level for the whole process, so two threads must not be inside
-#: ``fwAD.dual_level()`` at once: the Gauss-Newton products below hold this lock for their forward-mode pass
-#: (the curvature modes ``"reverse"`` and ``"gauss_newton_jacobian"`` use no forward mode outside transforms).
-_FORWARD_AD_LOCK = threading.Lock()
+#: ``fwAD.dual_level()`` (or ``torch.func.jvp``) at once: the products below hold this lock for their forward-mode
+#: passes (the modes ``"reverse"`` and ``"gauss_newton_jacobian"`` use none outside transforms). Re-entrant: a
+#: forward-mode product may run inside another (``torch.func.jvp`` of a function that calls the engine).
+_FORWARD_AD_LOCK = threading.RLock()
 
 
 def check_mode(mode: str) -> str:
@@ -123,7 +124,8 @@ class Linearization:
                 return torch.zeros_like(v)
             (hv,) = torch.autograd.grad(self._g, self._x, v, retain_graph=True, allow_unused=True)
             return torch.zeros_like(v) if hv is None else hv
-        return torch.func.jvp(lambda x: self._gradfn(x, self.y, self.extra), (self.x,), (v,))[1]
+        with _FORWARD_AD_LOCK:
+            return torch.func.jvp(lambda x: self._gradfn(x, self.y, self.extra), (self.x,), (v,))[1]
 
     def mixed_vjp(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Mixed second derivatives applied to ``v``: ``[d_y <g, v>, *d_extra <g, v>]``."""
