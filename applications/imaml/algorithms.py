@@ -238,7 +238,7 @@ class MetaLearner:
         ``functional_call`` swaps the parameters into the module while it runs, so two threads must
         never share one module.
         """
-        if threading.current_thread() is threading.main_thread() or self.workers == 1:
+        if self.workers == 1 or threading.current_thread() is threading.main_thread():
             return self.model
         model = getattr(self._local, "model", None)
         if model is None:
