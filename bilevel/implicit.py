@@ -233,13 +233,13 @@ def implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotange
     """
     phi, known_norm = solved_point(phi)
     problem.validate(theta, data)
+    problem.check_phi(phi, theta, "phi")
     return _implicit_vjp(problem, theta, phi, data, cotangent, linear_solver, hvp, known_norm)
 
 
 def _implicit_vjp(problem: InnerProblem, theta: Any, phi: Any, data: Any, cotangent: Any,
                   linear_solver: str | LinearSolver, hvp: str, known_norm: float | None) -> tuple[Any, ImplicitInfo]:
-    """:func:`implicit_vjp` after ``problem.validate(theta, data)``, with ``phi`` unwrapped."""
-    problem.check_phi(phi, theta, "phi")
+    """:func:`implicit_vjp` after ``problem.validate(theta, data)`` and ``problem.check_phi(phi, theta)``."""
     check_finite_tree(phi, "phi", _PHI_HINT)
     check_hvp(problem, hvp)
     theta_flat, theta_spec = _flat_detached(theta, "theta")
