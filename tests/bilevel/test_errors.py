@@ -84,6 +84,19 @@ def test_non_finite_data(prox):
         bl.solve(prox, torch.zeros(2), {"x": [torch.ones(2), torch.full((2,), float("nan"))]})
 
 
+def test_finite_check_is_exact_whatever_the_sums():
+    """The finite check sums each tensor first: a sum that overflows on finite entries is no error, and a NaN
+    anywhere (a complex one too, or beside an infinity of the other sign) is found and counted."""
+    from bilevel._checks import check_finite_tree
+
+    check_finite_tree({"big": torch.full((4,), 3e38), "small": torch.ones(2)}, "data")  # the sum is inf: no error
+    check_finite_tree({"x": torch.tensor([1e308, 1e308], dtype=torch.float64)}, "data")
+    with pytest.raises(ValueError, match=r"data\['z'\] contains 1 non-finite"):
+        check_finite_tree({"z": torch.tensor([1 + 1j, complex("nan")]), "a": torch.ones(2)}, "data")
+    with pytest.raises(ValueError, match=r"data\['x'\] contains 2 non-finite"):
+        check_finite_tree({"x": torch.tensor([float("inf"), -float("inf"), 1.0])}, "data")  # a sum of nan
+
+
 def test_non_finite_or_non_positive_lam():
     with pytest.raises(ValueError, match="Invalid lam: -1.0"):
         bl.ProximalProblem(quad_loss, lam=-1.0)
