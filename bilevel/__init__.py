@@ -12,6 +12,7 @@ from . import bounds, distributed, linalg, prox, solvers, status, testing, tree,
 from .status import (BreakdownWarning, BudgetWarning, CompileWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
+from .compiled import CompiledHypergradient, CompiledInfo, compiled_hypergradient
 from ._argmin import argmin
 from .implicit import ImplicitInfo, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
@@ -38,6 +39,9 @@ __all__ = [
     "roots",
     "implicit_vjp",
     "hypergradient",
+    "compiled_hypergradient",
+    "CompiledHypergradient",
+    "CompiledInfo",
     "register_solver",
     "SolveResult",
     "SolverStatus",

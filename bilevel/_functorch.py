@@ -7,11 +7,44 @@ switches to ``torch.func`` derivatives and skips value checks there.
 
 from __future__ import annotations
 
+import threading
+
 import torch
+
+class _State(threading.local):
+    functional = False
+
+
+_STATE = _State()
+
+
+@torch._dynamo.assume_constant_result
+def functional_mode() -> bool:
+    """True while :func:`bilevel.compiled_hypergradient` runs its body (this thread only).
+
+    The library then behaves as inside a ``torch.func`` transform: fixed budgets, ``torch.func``
+    derivatives, nothing read back. Read once when ``torch.compile`` traces the body.
+    """
+    return _STATE.functional
+
+
+class functional:
+    """Context manager: :func:`functional_mode` is true inside it, on this thread."""
+
+    def __enter__(self) -> "functional":
+        self._before = _STATE.functional
+        _STATE.functional = True
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _STATE.functional = self._before
+        return False
 
 
 def in_transform() -> bool:
-    """True inside a ``torch.func`` transform such as :func:`torch.func.vmap`."""
+    """True inside a ``torch.func`` transform such as :func:`torch.func.vmap`, or in :func:`functional_mode`."""
+    if functional_mode():
+        return True
     try:
         return torch._C._functorch.maybe_current_level() is not None
     except AttributeError:  # pragma: no cover - a torch without functorch's C API

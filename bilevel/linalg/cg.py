@@ -85,6 +85,10 @@ class CG(IterativeLinearSolver):
     def extra(self, last: LinearState) -> dict:
         return {"min_curvature": float(last.aux["curvature"])}
 
+    def recurrence_norm(self, state: LinearState) -> torch.Tensor:
+        """``sqrt(r^T r)``: the step computes ``r^T r`` anyway."""
+        return torch.sqrt(state.aux["rs"])
+
 
 def cg(matvec: Matvec, b: torch.Tensor, *, x0: torch.Tensor | None = None, max_iter: int = 100,
        tol: float = 1e-10, warn: bool = True) -> tuple[torch.Tensor, LinearSolveInfo]:

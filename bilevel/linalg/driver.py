@@ -113,6 +113,14 @@ class IterativeLinearSolver(LinearSolver):
         """Facts for ``info.extra`` from the last state computed (kept or discarded)."""
         return {}
 
+    def recurrence_norm(self, state: LinearState) -> torch.Tensor | None:
+        """``||r||`` from a quantity the method already holds (CG: ``sqrt(r^T r)``), or None.
+
+        The masked driver (:meth:`solve_fixed`) tests convergence with it, one reduction fewer per
+        step; the other drivers measure ``||r||`` itself, which may differ from it in the last bit.
+        """
+        return None
+
     @property
     def vmappable(self) -> bool:
         """True: :meth:`solve_fixed` reads nothing back (subclasses whose :meth:`prepare` reads values say no)."""
@@ -154,7 +162,7 @@ class IterativeLinearSolver(LinearSolver):
             matvec = _WithTranspose(matvec, rmatvec)
         _, _, prepared = self.prepare(matvec, b)  # a vmappable solver's prepare reads nothing back
         state = self.init(matvec, b, x0, prepared)
-        run = drive(_LinearIteration(self, matvec), state, max_iter=self.max_iter,
+        run = drive(_LinearIteration(self, matvec, masked=True), state, max_iter=self.max_iter,
                     threshold=self.tol * torch.linalg.vector_norm(b), mode="masked")
         if flags is not None:
             broke = run.flags.get("breakdown")
@@ -177,13 +185,17 @@ _STATUS = {Outcome.CONVERGED: LinearSolveStatus.CONVERGED, Outcome.MAX_ITER: Lin
 class _LinearIteration(Iteration):
     """An :class:`IterativeLinearSolver` bound to its matvec, for :func:`bilevel._loop.drive`."""
 
-    def __init__(self, solver: IterativeLinearSolver, matvec: Matvec):
-        self.solver, self.matvec = solver, matvec
+    def __init__(self, solver: IterativeLinearSolver, matvec: Matvec, masked: bool = False):
+        self.solver, self.matvec, self.masked = solver, matvec, masked
 
     def step(self, state: LinearState, k: int) -> tuple[LinearState, torch.Tensor | None]:
         return self.solver.step(self.matvec, state)
 
     def measure(self, state: LinearState) -> tuple[torch.Tensor, None]:
+        if self.masked:
+            norm = self.solver.recurrence_norm(state)
+            if norm is not None:
+                return norm, None
         return torch.linalg.vector_norm(state.r), None
 
     def diverging(self, residual: float, residual0: float) -> bool:
