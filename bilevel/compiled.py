@@ -22,7 +22,7 @@ import torch
 
 from . import tree as _tree
 from ._checks import check_finite_tree
-from ._functorch import functional
+from ._functorch import explain_transform_errors, functional
 from .implicit import _PHI_HINT, ImplicitInfo
 from .linalg.base import LinearSolveInfo, LinearSolver, LinearSolveStatus
 from .linalg.hvp import _FORWARD_AD_LOCK
@@ -76,7 +76,7 @@ class CompiledHypergradient:
     """
 
     def __init__(self, problem: InnerProblem, outer: Callable, *, solver: str | Solver | Callable,
-                 linear_solver: str | LinearSolver = "cg", compile: bool = True,
+                 linear_solver: str | LinearSolver = "cg", hvp: str = "reverse", compile: bool = True,
                  options: dict[str, Any] | None = None):
         if not isinstance(problem, InnerProblem):
             raise TypeError(f"problem must be a bilevel.InnerProblem or ProximalProblem, got "
@@ -101,6 +101,10 @@ class CompiledHypergradient:
                 f"compiled_hypergradient runs the linear solver on a fixed budget inside one graph, which "
                 f"{self.linear_solver!r} cannot do. Use bl.linalg.get('cg', max_iter=...) or a Neumann series "
                 f"with a fixed step_size.")
+        if hvp not in ("reverse", "forward"):
+            raise ValueError(f"hvp must be 'reverse' or 'forward' here, got {hvp!r} (the Gauss-Newton modes run in "
+                             f"bl.argmin and bl.hypergradient).")
+        self.hvp = hvp
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}.")
         if options is not None and not isinstance(options, dict):
@@ -160,8 +164,14 @@ class CompiledHypergradient:
         g_in, v_in = grad_inner(x, y)
         (cot, direct), value = torch.func.grad_and_value(outer, argnums=(0, 1))(x, y)
 
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(lambda p: grad_inner(p, y)[0], (x,), (v,))[1]
+        if self.hvp == "forward":
+            def hvp(v: torch.Tensor) -> torch.Tensor:
+                return torch.func.jvp(lambda p: grad_inner(p, y)[0], (x,), (v,))[1]
+        else:  # reverse over reverse: the gradient's graph is built once and pulled back for every product
+            _, pullback = torch.func.vjp(lambda p: grad_inner(p, y)[0], x)
+
+            def hvp(v: torch.Tensor) -> torch.Tensor:
+                return pullback(v)[0]
 
         transposed = {"rmatvec": hvp} if self.linear_solver.needs_rmatvec else {}
         v, linfo = self.linear_solver(hvp, cot, **transposed)
@@ -194,7 +204,7 @@ class CompiledHypergradient:
         # eagerly: the first call (a mistake in the user's code gets this library's error, not the
         # compiler's), compile=False, or after compiling failed
         self.problem.validate(theta, data)
-        with functional(), _FORWARD_AD_LOCK:
+        with functional(), _FORWARD_AD_LOCK, explain_transform_errors("compiled_hypergradient"):
             out = self._body(*args)
         return self._finish(theta, data, phi0, theta_spec, *out, compiled=False)
 
@@ -257,13 +267,13 @@ class CompiledHypergradient:
                 f"compiled_hypergradient: {lin.name} did not reach relative residual {lin.tol:g} in {lin.max_iter} "
                 f"iterations (true relative residual {rel:.3g}): {lstatus.value}", status=lstatus, info=linfo),
                 stacklevel=3)
-        backward = ImplicitInfo(linfo, spent, inner_gn, "forward", residual)
+        backward = ImplicitInfo(linfo, spent, inner_gn, self.hvp, residual)
         info = CompiledInfo(value, phi, inner, backward, compiled)
         return _tree.unflatten(grad, theta_spec), info
 
 
 def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: str | Solver | Callable,
-                           linear_solver: str | LinearSolver = "cg", compile: bool = True,
+                           linear_solver: str | LinearSolver = "cg", hvp: str = "reverse", compile: bool = True,
                            options: dict[str, Any] | None = None) -> CompiledHypergradient:
     r"""Build ``hg(theta, data) -> (dF/dtheta, info)`` that runs the inner solve, the linear solve and the
     hypergradient of ``F(theta) = outer(phi*(theta), theta)`` as one :func:`torch.compile`\ d graph.
@@ -284,6 +294,11 @@ def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: st
     linear_solver:
         ``"cg"`` or another solver with a fixed-budget path (``max_iter`` iterations, a solve that
         reaches ``tol`` frozen from then on).
+    hvp:
+        How Hessian-vector products are taken: ``"reverse"`` (default; ``torch.func.vjp`` of
+        ``torch.func.grad``: the gradient's graph is built once and pulled back for every product) or
+        ``"forward"`` (``torch.func.jvp`` of ``torch.func.grad``; some torch functions, ``F.mse_loss``
+        among them, cannot run forward-mode).
     compile:
         ``False`` runs the same function eagerly (for debugging, or where no compiler is available).
     options:
@@ -301,8 +316,7 @@ def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: st
     -----
     The first call runs eagerly (it validates the inputs, so a bad objective gets this library's
     error, not the compiler's); the second compiles; later calls with the same shapes replay the
-    compiled graph. Hessian-vector products are forward-over-reverse (``torch.func.jvp`` of
-    ``torch.func.grad``). The diagnostics are computed in the graph and read back once: a solve
+    compiled graph. The diagnostics are computed in the graph and read back once: a solve
     that misses its tolerance warns as :func:`bilevel.hypergradient` does (a fixed inner budget,
     ``tol = 0``, does not), and a non-finite result raises ``ValueError`` naming the first non-finite
     input or the inner solution. If compiling fails, a :class:`bilevel.CompileWarning` says why and
@@ -325,5 +339,5 @@ def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: st
 
     With ``compile=True`` (the default) the second call compiles and later ones replay the graph.
     """
-    return CompiledHypergradient(problem, outer, solver=solver, linear_solver=linear_solver, compile=compile,
-                                 options=options)
+    return CompiledHypergradient(problem, outer, solver=solver, linear_solver=linear_solver, hvp=hvp,
+                                 compile=compile, options=options)

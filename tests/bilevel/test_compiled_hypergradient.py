@@ -225,3 +225,29 @@ def test_compile_options_by_device():
                                      options={"mode": "reduce-overhead"})
     assert mine.compile_options(torch.device("cuda")) == {"dynamic": False, "fullgraph": True,
                                                           "mode": "reduce-overhead"}
+
+
+def test_both_product_modes_agree_and_forward_mode_limits_are_explained():
+    ref = quadratic()
+    grads = {}
+    for hvp in ("reverse", "forward"):
+        hg = bl.compiled_hypergradient(ref.problem, ref.outer, solver=fixed_agd(ref), linear_solver="cg", hvp=hvp,
+                                       compile=False)
+        grads[hvp], info = hg(ref.theta, ref.data)
+        assert info.backward.hvp_mode == hvp
+    torch.testing.assert_close(grads["forward"], grads["reverse"], rtol=1e-10, atol=1e-12)
+    # F.mse_loss writes into a zero tangent in forward mode: reverse (the default) runs it, forward says what to do
+    x, y = torch.randn(8, 2, dtype=F64), torch.randn(8, dtype=F64)
+    problem = bl.ProximalProblem(lambda phi, d: torch.nn.functional.mse_loss(d[0] @ phi, d[1]), lam=1.0)
+    theta = torch.zeros(2, dtype=F64)
+    solver = bl.solvers.get("gd", step_size=0.1, max_iter=200, tol=0.0)
+    g, _ = bl.compiled_hypergradient(problem, lambda phi, t: phi.sum(), solver=solver, compile=False)(theta, (x, y))
+    leaf = theta.clone().requires_grad_(True)
+    bl.argmin(problem, leaf, (x, y), solver=solver, linear_solver=bl.linalg.get("cg", tol=1e-12)).sum().backward()
+    torch.testing.assert_close(g, leaf.grad, rtol=1e-9, atol=1e-12)
+    forward = bl.compiled_hypergradient(problem, lambda phi, t: phi.sum(), solver=solver, hvp="forward",
+                                        compile=False)
+    with pytest.raises(RuntimeError, match="elementwise operations"):
+        forward(theta, (x, y))
+    with pytest.raises(ValueError, match="hvp must be 'reverse' or 'forward'"):
+        bl.compiled_hypergradient(problem, lambda phi, t: phi.sum(), solver=solver, hvp="gauss_newton")
