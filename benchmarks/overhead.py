@@ -174,7 +174,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
     examples = section["examples"]
     columns = [impl for impl in IMPLEMENTATIONS if any(impl in e["implementations"] for e in examples.values())]
     head = (["example", "settings (source)"] + [IMPLEMENTATIONS[c] for c in columns]
-            + ["bilevel / fastest PyTorch peer", "bilevel / JAXopt (jit)"])
+            + ["bilevel / fastest PyTorch peer", "bilevel / JAXopt (jit)", "bilevel compiled / JAXopt (jit)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     skipped: dict[str, str] = {}
     for name, e in examples.items():
@@ -186,7 +186,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
         peer = e.get("fastest_pytorch_peer")
         to_peer = _ratio(bl_entry, "x_fastest_pytorch_peer") + (f" ({IMPLEMENTATIONS[peer]})" if peer else "")
         row = ([f"`{name}`", f"{e['settings']} (`{e['source']}`)"] + [_cell(impls.get(c)) for c in columns]
-               + [to_peer if peer else "", _ratio(bl_entry, "x_jaxopt_jit")])
+               + [to_peer if peer else "", _ratio(bl_entry, "x_jaxopt_jit"),
+                  _ratio(impls.get("bilevel_compiled"), "x_jaxopt_jit")])
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     clock = "process CPU time" if section.get("clock") == "cpu" else "wall clock"
     quick = " **`--quick` run: a smoke test, not a measurement.**" if payload.get("quick") else ""
