@@ -6,6 +6,10 @@
 #                                         # and benchmarks/fig2b.py --device cuda --quick; about 4 minutes
 #   bash benchmarks/gpu_checks.sh train   # iMAML-GD on Omniglot 5-way 1-shot for 8 minutes of training (SIGTERM
 #                                         # saves the checkpoint), then 600 meta-test episodes: accuracy +- 95% CI
+#   bash benchmarks/gpu_checks.sh compiled  # the same meta-step with the meta-batch in one compiled CUDA graph
+#                                         # (meta_step.py --paths vmap compiled; bl.compiled_hypergradient(...).batched
+#                                         # with mode="reduce-overhead"); compiling takes minutes, so it is capped at
+#                                         # 7 minutes and runs only after the two parts above
 #
 # Results: one archive and one log per part in $OUT (the device tool's output folder; default
 # benchmarks/results/gpu). The train part needs the two Omniglot archives and, to skip decoding them, the
@@ -41,6 +45,22 @@ steps)
   status=${PIPESTATUS[0]}
   tar czf "$OUT/steps.tgz" -C "$work" .
   ;;
+compiled)
+  cap=7m
+  [ "$DEVICE" = cpu ] && cap=9m
+  {
+    $PY -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+    if [ "$DEVICE" = cpu ]; then
+      timeout "$cap" $PY benchmarks/meta_step.py --device cpu --meta-batch 2 --settings 5w1s --paths vmap compiled \
+        --warmup 1 --repeats 1 --out "$work"
+    else
+      timeout "$cap" $PY benchmarks/meta_step.py --device cuda --paths vmap compiled --out "$work"
+    fi
+    echo "meta_step.py exited with status $? (124: stopped at the ${cap} cap)"
+  } 2>&1 | tee "$OUT/compiled.log"
+  status=${PIPESTATUS[0]}
+  tar czf "$OUT/compiled.tgz" -C "$work" .
+  ;;
 train)
   run="$work/run"
   minutes=8
@@ -59,7 +79,7 @@ train)
   tar czf "$OUT/train.tgz" -C "$work" .
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_checks.sh steps|train  (SMOKE=1 for a CPU check of the script)" >&2
+  echo "usage: bash benchmarks/gpu_checks.sh steps|train|compiled  (SMOKE=1 for a CPU check of the script)" >&2
   exit 2
   ;;
 esac

@@ -6,7 +6,13 @@ The issue's GPU target is stated for this unit: 32 tasks, K = 16 inner GD steps,
 
 * ``loop``: one task at a time, exact reverse-over-reverse Hessian-vector products;
 * ``vmap``: all tasks through :func:`torch.func.vmap`, exact forward-over-reverse products;
-* ``loop_gn`` / ``vmap_gn``: the same with Gauss-Newton curvature (``curvature="gauss_newton"``).
+* ``loop_gn`` / ``vmap_gn``: the same with Gauss-Newton curvature (``curvature="gauss_newton"``);
+* ``compiled`` (not in the default paths; ask with ``--paths``): the meta-batch through
+  :meth:`bilevel.CompiledHypergradient.batched`, the tasks under :func:`torch.func.vmap` inside one
+  ``torch.compile`` graph, exact reverse-over-reverse products, on CUDA as a CUDA graph
+  (``mode="reduce-overhead"``). It has no per-task first-order fallback at negative curvature (the
+  other exact paths have), so its meta-gradient equals theirs when no task meets negative curvature. Its
+  first two steps (eager, then compiling) are part of ``--warmup``, which is raised to 2 for it.
 
 One meta-step is ``opt.zero_grad(); learner.meta_gradient(theta, batch); opt.step()`` with
 ``torch.optim.Adam(lr=1e-3)``. Per path: ``--warmup`` untimed steps, one peak-memory step
@@ -46,7 +52,8 @@ from applications.imaml.model import ConvNet, init_params  # noqa: E402
 
 SETTINGS = {"5w1s": (5, 1, 15), "20w5s": (20, 5, 5)}  # ways, shots, query images per class
 PATHS = {"loop": (False, "exact"), "vmap": (True, "exact"), "loop_gn": (False, "gauss_newton"),
-         "vmap_gn": (True, "gauss_newton")}
+         "vmap_gn": (True, "gauss_newton"), "compiled": (True, "exact")}
+DEFAULT_PATHS = ["loop", "vmap", "loop_gn", "vmap_gn"]
 K, CG, INNER_LR, LAM = 16, 5, 0.1, 2.0
 
 
@@ -71,6 +78,9 @@ def measure(setting: str, tasks: int, device: torch.device, warmup: int, repeats
         learner = MetaLearner(net, AlgorithmConfig("imaml_gd", inner_steps=K, inner_lr=INNER_LR, lam=LAM,
                                                    cg_steps=CG, vmap=vm, curvature=curvature))
         opt = torch.optim.Adam(theta.values(), lr=1e-3)
+        if name == "compiled":
+            state[name] = _compiled_step(learner, theta, opt, batch, device)
+            continue
 
         def step(learner=learner, theta=theta, opt=opt) -> None:
             opt.zero_grad(set_to_none=True)
@@ -80,7 +90,7 @@ def measure(setting: str, tasks: int, device: torch.device, warmup: int, repeats
     clock = "cpu" if device.type == "cpu" else "wall"  # Stopwatch: CUDA events on a GPU
     peaks, times = {}, {n: [] for n in paths}
     for name in paths:
-        for _ in range(warmup):
+        for _ in range(max(warmup, 2) if name == "compiled" else warmup):  # compiled: eager, then compiling
             state[name]()
         peaks[name] = peak_memory_mib(device, state[name])
     for _ in range(repeats):
@@ -96,6 +106,26 @@ def measure(setting: str, tasks: int, device: torch.device, warmup: int, repeats
     if device.type == "cuda":
         rec["time_ms"] = {n: 1e3 * v for n, v in best.items()}
     return rec
+
+
+def _compiled_step(learner: MetaLearner, theta: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                   batch: TaskBatch, device: torch.device):
+    """One meta-step through ``bl.compiled_hypergradient(...).batched``: the same inner problem, solver and CG."""
+    problem = learner.proximal_problem(LAM)
+
+    def outer(phi, t, query):
+        return torch.nn.functional.cross_entropy(learner.logits(phi, query[0]), query[1])
+
+    hg = bl.compiled_hypergradient(problem, outer, solver=learner.inner_gd, linear_solver=learner.linear,
+                                   options={"mode": "reduce-overhead"} if device.type == "cuda" else None)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        grad, _ = hg.batched(theta, (batch.support_x, batch.support_y), outer_data=(batch.query_x, batch.query_y))
+        for k, t in theta.items():
+            t.grad = grad[k]
+        opt.step()
+    return step
 
 
 def plot(records: list[dict[str, Any]], device: torch.device, path: str) -> None:
@@ -114,7 +144,7 @@ def plot(records: list[dict[str, Any]], device: torch.device, path: str) -> None
             axes[0].bar(xs, [r["time_over_loop"][n] for n in names], width, label=f"{r['setting']}, {r['tasks']} tasks")
         axes[1].bar(xs, [r["peak_mib"][n] for n in names], width, label=f"{r['setting']}, {r['tasks']} tasks")
     for ax in axes:
-        ax.set_xticks([j + width * (len(records) - 1) / 2 for j in range(len(PATHS))])
+        ax.set_xticks([j + width * (len(records) - 1) / 2 for j in range(len(records[0]["time_s"]))])
         ax.set_xticklabels(list(records[0]["time_s"]) if records else [])
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
@@ -135,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["5w1s", "20w5s"])
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default 32 on CUDA, 4 on CPU)")
-    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=DEFAULT_PATHS,
+                   help=f"default: {' '.join(DEFAULT_PATHS)} (compiled: only when asked)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default 3 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per path (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--threads", type=int, default=1)

@@ -12,7 +12,7 @@ from . import bounds, distributed, linalg, prox, solvers, status, testing, tree,
 from .status import (BreakdownWarning, BudgetWarning, CompileWarning, ConvergenceError, ConvergenceWarning, DivergenceWarning,
                      LineSearchWarning, NegativeCurvatureWarning, NonFiniteWarning, Status)
 from .certify import hypergradient
-from .compiled import CompiledHypergradient, CompiledInfo, compiled_hypergradient
+from .compiled import CompiledBatchInfo, CompiledHypergradient, CompiledInfo, compiled_hypergradient
 from ._argmin import argmin
 from .implicit import ImplicitInfo, implicit_vjp
 from .linalg import LinearSolveInfo, LinearSolveStatus
@@ -42,6 +42,7 @@ __all__ = [
     "compiled_hypergradient",
     "CompiledHypergradient",
     "CompiledInfo",
+    "CompiledBatchInfo",
     "register_solver",
     "SolveResult",
     "SolverStatus",

@@ -33,7 +33,7 @@ from .solvers.base import get as get_solver
 from .solvers.result import SolveResult, SolverStatus
 from .status import CompileWarning
 
-__all__ = ["compiled_hypergradient", "CompiledHypergradient", "CompiledInfo"]
+__all__ = ["compiled_hypergradient", "CompiledHypergradient", "CompiledInfo", "CompiledBatchInfo"]
 
 _MISSING = object()
 
@@ -65,6 +65,39 @@ class CompiledInfo:
     phi: Any = field(repr=False)
     inner: SolveResult = field(repr=False)
     backward: ImplicitInfo = field(repr=False)
+    compiled: bool = False
+
+
+@dataclass
+class CompiledBatchInfo:
+    """What one :meth:`CompiledHypergradient.batched` call measured, per task, read back once after the graph.
+
+    Attributes
+    ----------
+    values:
+        The outer objective of each task at its ``phi``.
+    phi:
+        The tasks' inner solutions, stacked (a leading task dimension), in ``phi0``'s structure.
+    inner_grad_norms:
+        ``||grad_phi G||`` of each task at its ``phi``.
+    residual_norms, relative_residuals:
+        The true residual ``||grad_phi f - H v||`` of each task's linear solve, absolute and relative to
+        ``||grad_phi f||``.
+    converged:
+        Per task: whether the linear solve met its tolerance (and the inner solve its own, where it has one).
+    breakdown:
+        Per task: whether the linear solver discarded a step (CG: negative curvature).
+    compiled:
+        Whether this call ran the compiled graph.
+    """
+
+    values: list[float]
+    phi: Any = field(repr=False)
+    inner_grad_norms: list[float] = field(repr=False)
+    residual_norms: list[float] = field(repr=False)
+    relative_residuals: list[float] = field(repr=False)
+    converged: list[bool] = field(repr=False)
+    breakdown: list[bool] = field(repr=False)
     compiled: bool = False
 
 
@@ -112,9 +145,11 @@ class CompiledHypergradient:
                             f"{type(options).__name__}.")
         self.compile = compile
         self.options = options
-        self._compiled: Any = None  # None: not yet compiled; False: compiling failed, run eagerly
+        # per kind of call ("single", "batched"): the compiled function; None: not yet compiled; False:
+        # compiling failed, run eagerly
+        self._compiled: dict[str, Any] = {}
         self._clone = False
-        self._calls = 0
+        self._calls: dict[str, int] = {}
 
     def compile_options(self, device: torch.device) -> dict[str, Any]:
         """The :func:`torch.compile` keyword arguments used for ``theta`` on ``device``.
@@ -136,8 +171,8 @@ class CompiledHypergradient:
     # ------------------------------------------------------------------------------------------
     # the function of tensors that is compiled
 
-    def _body(self, theta_leaves: list[torch.Tensor], data: Any, phi0: Any, outer_data: Any, theta_spec: Any
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _body(self, theta_leaves: list[torch.Tensor], data: Any, phi0: Any, outer_data: Any, theta_spec: Any,
+              hvp_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         problem = self.problem
         theta = _tree.from_leaves(theta_spec, theta_leaves)
         fun, x0 = prepare(problem, theta, data, phi0)
@@ -164,7 +199,7 @@ class CompiledHypergradient:
         g_in, v_in = grad_inner(x, y)
         (cot, direct), value = torch.func.grad_and_value(outer, argnums=(0, 1))(x, y)
 
-        if self.hvp == "forward":
+        if (hvp_mode or self.hvp) == "forward":
             def hvp(v: torch.Tensor) -> torch.Tensor:
                 return torch.func.jvp(lambda p: grad_inner(p, y)[0], (x,), (v,))[1]
         else:  # reverse over reverse: the gradient's graph is built once and pulled back for every product
@@ -188,44 +223,106 @@ class CompiledHypergradient:
 
     # ------------------------------------------------------------------------------------------
 
-    def __call__(self, theta: Any, data: Any = None, *, phi0: Any = None, outer_data: Any = _MISSING
-                 ) -> tuple[Any, CompiledInfo]:
-        """``(dF/dtheta, info)`` at ``theta``: a tree like ``theta`` and a :class:`CompiledInfo`."""
-        theta_spec = _tree.tree_spec(theta, "theta")
-        leaves = [t.detach() for t in _tree.leaves(theta)]
-        if phi0 is not None:
-            self.problem.check_phi(phi0, theta, "phi0")
-        args = (leaves, data, phi0, outer_data, theta_spec)
-        self._calls += 1
-        if self.compile and self._calls > 1 and self._compiled is not False:
-            out = self._run_compiled(args, leaves[0].device)
+    def _batched_body(self, theta_leaves: list[torch.Tensor], data: Any, phi0: Any, outer_data: Any,
+                      theta_spec: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if outer_data is _MISSING:
+            grads, xs, diags = torch.func.vmap(
+                lambda d: self._body(theta_leaves, d, phi0, _MISSING, theta_spec, "forward"))(data)
+        else:
+            grads, xs, diags = torch.func.vmap(
+                lambda d, o: self._body(theta_leaves, d, phi0, o, theta_spec, "forward"))(data, outer_data)
+        return grads.mean(0), xs, diags
+
+    def _execute(self, kind: str, args: tuple) -> tuple[tuple, bool]:
+        """Run the body of ``kind`` ("single" or "batched"): compiled from its second call on, else eagerly."""
+        body = self._body if kind == "single" else self._batched_body
+        calls = self._calls[kind] = self._calls.get(kind, 0) + 1
+        if self.compile and calls > 1 and self._compiled.get(kind) is not False:
+            out = self._run_compiled(kind, body, args)
             if out is not None:
-                return self._finish(theta, data, phi0, theta_spec, *out, compiled=True)
+                return out, True
         # eagerly: the first call (a mistake in the user's code gets this library's error, not the
         # compiler's), compile=False, or after compiling failed
-        self.problem.validate(theta, data)
         with functional(), _FORWARD_AD_LOCK, explain_transform_errors("compiled_hypergradient"):
-            out = self._body(*args)
-        return self._finish(theta, data, phi0, theta_spec, *out, compiled=False)
+            return body(*args), False
 
-    def _run_compiled(self, args: tuple, device: torch.device) -> tuple | None:
-        if self._compiled is None:
-            options = self.compile_options(device)
+    def _run_compiled(self, kind: str, body: Callable, args: tuple) -> tuple | None:
+        compiled = self._compiled.get(kind)
+        if compiled is None:
+            options = self.compile_options(args[0][0].device)
             self._clone = options.get("mode") in ("reduce-overhead", "max-autotune")  # CUDA graphs reuse memory
             _ = (args[-1].numels, args[-1].size)  # cached before tracing (see Objective.enable_compile)
-            self._compiled = torch.compile(self._body, **options)
+            compiled = self._compiled[kind] = torch.compile(body, **options)
         try:
             with functional():
-                out = self._compiled(*args)
+                out = compiled(*args)
         except Exception as e:  # the compiler's failure: this call and the later ones run eagerly
-            self._compiled = False
+            self._compiled[kind] = False
             reason = " ".join(str(e).split())[:300]
             warnings.warn(CompileWarning(
                 f"compiled_hypergradient: torch.compile could not compile the hypergradient of "
                 f"{self.problem.name!r} ({type(e).__name__}: {reason}); it runs eagerly from now on (the same "
-                f"values). Pass compile=False to skip the attempt."), stacklevel=3)
+                f"values). Pass compile=False to skip the attempt."), stacklevel=4)
             return None
         return tuple(t.clone() for t in out) if self._clone else out
+
+    def _prepare(self, theta: Any, phi0: Any) -> tuple[_tree.TreeSpec, list[torch.Tensor]]:
+        theta_spec = _tree.tree_spec(theta, "theta")
+        if phi0 is not None:
+            self.problem.check_phi(phi0, theta, "phi0")
+        return theta_spec, [t.detach() for t in _tree.leaves(theta)]
+
+    def __call__(self, theta: Any, data: Any = None, *, phi0: Any = None, outer_data: Any = _MISSING
+                 ) -> tuple[Any, CompiledInfo]:
+        """``(dF/dtheta, info)`` at ``theta``: a tree like ``theta`` and a :class:`CompiledInfo`."""
+        theta_spec, leaves = self._prepare(theta, phi0)
+        if self._calls.get("single", 0) == 0 or not self.compile:
+            self.problem.validate(theta, data)
+        (grad, x, diag), compiled = self._execute("single", (leaves, data, phi0, outer_data, theta_spec))
+        return self._finish(theta, data, phi0, theta_spec, grad, x, diag, compiled=compiled)
+
+    def batched(self, theta: Any, data: Any, *, phi0: Any = None, outer_data: Any = _MISSING
+                ) -> tuple[Any, CompiledBatchInfo]:
+        """The mean hypergradient over a batch of tasks (a meta-batch), all of them in one graph.
+
+        ``data`` (and ``outer_data``, when given) hold the tasks along a leading dimension of every
+        tensor; ``theta`` and ``phi0`` are shared. The tasks run through :func:`torch.func.vmap` inside
+        the compiled function, so the whole meta-gradient is one graph (on a GPU with
+        ``options={"mode": "reduce-overhead"}``, one CUDA graph). Under ``vmap`` the Hessian-vector products
+        are forward over reverse whatever ``hvp`` says, as in :func:`bilevel.argmin`: reverse over reverse
+        cannot run there for every network (batch norm's double backward cannot). Returns the mean over the tasks of
+        ``dF_i/dtheta``, a tree like ``theta``, and a :class:`CompiledBatchInfo`; a task whose solve
+        missed its tolerance is counted in one warning, and a non-finite task is an error naming it.
+        """
+        theta_spec, leaves = self._prepare(theta, phi0)
+        if self._calls.get("batched", 0) == 0 or not self.compile:
+            self.problem.validate(theta, data)
+        (grad, xs, diags), compiled = self._execute("batched", (leaves, data, phi0, outer_data, theta_spec))
+        rows = diags.tolist()  # the one read-back
+        phi_spec = _tree.tree_spec(self.problem.default_phi0(theta) if phi0 is None else phi0, "phi0")
+        bad = [i for i, row in enumerate(rows) if not row[6]]
+        if bad:
+            self.problem.validate(theta, data)
+            raise ValueError(f"compiled_hypergradient.batched: task(s) {bad[:10]} of {len(rows)} gave a non-finite inner "
+                             f"solution, outer objective or hypergradient; {_PHI_HINT}. Run such a task alone with "
+                             f"the CompiledHypergradient itself (hg(theta, data_i)) for a detailed error.")
+        lin, solver = self.linear_solver, self.solver
+        rel = [row[3] / row[4] if row[4] > 0 else row[3] for row in rows]
+        broke = [bool(row[5]) for row in rows]
+        inner_ok = [solver.tol == 0 and not isinstance(solver, CallableSolver) or row[0] <= solver.tol for row in rows]
+        converged = [ok and not b and r <= lin.tol for ok, b, r in zip(inner_ok, broke, rel)]
+        missed = sum(not c for c in converged)
+        if missed and (any(broke) or not all(inner_ok) or (lin.warn and lin.tol > 0)):
+            status = (LinearSolveStatus.NEGATIVE_CURVATURE if any(broke) else LinearSolveStatus.MAX_ITER)
+            warnings.warn(status.warning(
+                f"compiled_hypergradient.batched: {missed} of {len(rows)} tasks missed a tolerance (inner "
+                f"||grad_phi G|| <= {solver.tol:g}: {sum(not ok for ok in inner_ok)} missed; {lin.name} to relative "
+                f"residual {lin.tol:g} in {lin.max_iter} iterations: {sum(r > lin.tol for r in rel)} missed, largest "
+                f"{max(rel):.3g}; breakdowns: {sum(broke)})", status=status, info=None), stacklevel=2)
+        phi = _stack_unflatten(xs, phi_spec)
+        info = CompiledBatchInfo([row[2] for row in rows], phi, [row[0] for row in rows], [row[3] for row in rows],
+                                 rel, converged, broke, compiled)
+        return _tree.unflatten(grad, theta_spec), info
 
     def _finish(self, theta: Any, data: Any, phi0: Any, theta_spec: _tree.TreeSpec, grad: torch.Tensor,
                 x: torch.Tensor, diag: torch.Tensor, *, compiled: bool) -> tuple[Any, CompiledInfo]:
@@ -270,6 +367,13 @@ class CompiledHypergradient:
         backward = ImplicitInfo(linfo, spent, inner_gn, self.hvp, residual)
         info = CompiledInfo(value, phi, inner, backward, compiled)
         return _tree.unflatten(grad, theta_spec), info
+
+
+def _stack_unflatten(xs: torch.Tensor, spec: _tree.TreeSpec) -> Any:
+    """Rows of flat vectors (a leading task dimension) as one tree of stacked tensors."""
+    parts = torch.split(xs, list(spec.numels), dim=1)
+    leaves = [p.reshape(xs.shape[0], *shape) for p, shape in zip(parts, spec.shapes)]
+    return _tree.from_leaves(spec, leaves)
 
 
 def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: str | Solver | Callable,

@@ -135,7 +135,7 @@ def test_the_compiled_graph_equals_its_eager_run():
         torch.testing.assert_close(g, g_e, rtol=1e-10, atol=1e-12)
         assert info.backward.residual_norm == pytest.approx(info_e.backward.residual_norm, rel=1e-6, abs=1e-14)
         assert info.inner.grad_norm == pytest.approx(info_e.inner.grad_norm, rel=1e-6)
-    assert compiled._compiled not in (None, False)
+    assert compiled._compiled["single"] not in (None, False)
 
 
 def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
@@ -251,3 +251,61 @@ def test_both_product_modes_agree_and_forward_mode_limits_are_explained():
         forward(theta, (x, y))
     with pytest.raises(ValueError, match="hvp must be 'reverse' or 'forward'"):
         bl.compiled_hypergradient(problem, lambda phi, t: phi.sum(), solver=solver, hvp="gauss_newton")
+
+
+def regression_tasks(tasks=4, n=10, q=7, d=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    support = (torch.randn(tasks, n, d, generator=gen, dtype=F64), torch.randn(tasks, n, generator=gen, dtype=F64))
+    query = (torch.randn(tasks, q, d, generator=gen, dtype=F64), torch.randn(tasks, q, generator=gen, dtype=F64))
+
+    def loss(phi, data):
+        x, y = data
+        return 0.5 * ((x @ phi["w"] + phi["b"] - y) ** 2).mean()
+
+    def outer(phi, theta, data):
+        x, y = data
+        return 0.5 * ((x @ phi["w"] + phi["b"] - y) ** 2).mean()
+    theta = {"w": torch.linspace(-0.5, 0.5, d, dtype=F64), "b": torch.tensor(0.3, dtype=F64)}
+    return bl.ProximalProblem(loss, lam=1.5), outer, theta, support, query
+
+
+def test_batched_is_the_mean_of_the_tasks():
+    problem, outer, theta, support, query = regression_tasks()
+    solver = bl.solvers.get("gd", step_size=0.3, max_iter=200, tol=0.0)
+    hg = bl.compiled_hypergradient(problem, outer, solver=solver, linear_solver=bl.linalg.get("cg", max_iter=8),
+                                   compile=False)
+    mean, info = hg.batched(theta, support, outer_data=query)
+    singles = [hg(theta, tuple(t[i] for t in support), outer_data=tuple(t[i] for t in query)) for i in range(4)]
+    for k in theta:
+        torch.testing.assert_close(mean[k], torch.stack([g[k] for g, _ in singles]).mean(0), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(info.phi[k], torch.stack([i.phi[k] for _, i in singles]), rtol=1e-12, atol=1e-14)
+    assert info.values == pytest.approx([i.value for _, i in singles], rel=1e-12)
+    assert info.relative_residuals == pytest.approx([i.backward.relative_residual for _, i in singles], rel=1e-6,
+                                                    abs=1e-15)
+    assert all(info.converged) and not any(info.breakdown) and not info.compiled
+    # a task that diverges is named
+    bad = (support[0].clone(), support[1].clone())
+    bad[0][2] *= 1e3  # task 2: a step of 0.3 on a loss 1e6 times steeper
+    with pytest.raises(ValueError, match=r"task\(s\) \[2\] of 4"):
+        hg.batched(theta, bad, outer_data=query)
+    # a budget too short for the tolerance: one warning counting the tasks
+    short = bl.compiled_hypergradient(problem, outer, solver=solver,
+                                      linear_solver=bl.linalg.get("cg", max_iter=1, tol=1e-10), compile=False)
+    with pytest.warns(bl.ConvergenceWarning, match="4 of 4 tasks missed a tolerance"):
+        _, info = short.batched(theta, support, outer_data=query)
+    assert not any(info.converged)
+
+
+def test_batched_compiled_equals_eager():
+    problem, outer, theta, support, query = regression_tasks(tasks=3)
+    solver = bl.solvers.get("gd", step_size=0.3, max_iter=20, tol=0.0)
+    linear = bl.linalg.get("cg", max_iter=4, tol=1e-10, warn=False)
+    compiled = bl.compiled_hypergradient(problem, outer, solver=solver, linear_solver=linear)
+    eager = bl.compiled_hypergradient(problem, outer, solver=solver, linear_solver=linear, compile=False)
+    compiled.batched(theta, support, outer_data=query)
+    g, info = compiled_or_skip(lambda: compiled.batched(theta, support, outer_data=query))
+    assert info.compiled
+    g_e, info_e = eager.batched(theta, support, outer_data=query)
+    for k in theta:
+        torch.testing.assert_close(g[k], g_e[k], rtol=1e-10, atol=1e-12)
+    assert info.values == pytest.approx(info_e.values, rel=1e-10)
