@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import inspect
 import os
 import sys
 import warnings

@@ -13,7 +13,6 @@ error, never a silent NaN.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -155,8 +154,8 @@ class CompiledHypergradient:
         """The :func:`torch.compile` keyword arguments used for ``theta`` on ``device``.
 
         ``dynamic=False, fullgraph=True``, and by default on the CPU ``options={"cpp_wrapper": True}``
-        (the graph's buffers are allocated from C++ rather than Python: about a quarter less time per
-        call on the small problems this path is for). ``options=`` given at construction is merged
+        (the graph's buffers are allocated from C++ rather than from Python, which is faster on the
+        small problems this path is for). ``options=`` given at construction is merged
         over ``dynamic`` and ``fullgraph`` and replaces the device default. On a GPU,
         ``options={"mode": "reduce-overhead"}`` replays the graph as a CUDA graph; the results are then
         copied out of the graph's memory, so that the next call does not overwrite them.

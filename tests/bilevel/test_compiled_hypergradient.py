@@ -29,13 +29,12 @@ def fixed_agd(ref, max_iter=150):
 
 def exact_callable(ref):
     """A callable inner solver in torch operations: the quadratic's minimiser by CG (itself fixed-budget)."""
-    A, b, lam = ref.data["A"], ref.data["b"], ref.problem.lam
+    lam = ref.problem.lam
     inner_cg = bl.linalg.get("cg", max_iter=20, tol=1e-14, warn=False)
 
     def solve(problem, theta, data, phi0):
         phi, _ = inner_cg(lambda u: data["A"] @ u + lam * u, lam * theta - data["b"], x0=phi0)
         return phi
-    del A, b
     return bl.solvers.get(solve, tol=1e-8)
 
 
