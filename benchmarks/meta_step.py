@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(f"{n} {v:.2f}" for n, v in rec["time_over_loop"].items())
         print(f"  {setting} x {tasks} tasks: time {'' if cuda else '/ loop '}{unit}; peak MiB "
               + ", ".join(f"{n} {v:.0f}" for n, v in rec["peak_mib"].items()), flush=True)
-    payload = {"benchmark": "meta_step", "inner_steps": K, "cg_steps": CG, "inner_lr": INNER_LR, "lam": LAM,
+    from applications.imaml.io import git_commit
+
+    payload = {"benchmark": "meta_step", "commit": git_commit(), "inner_steps": K, "cg_steps": CG, "inner_lr": INNER_LR, "lam": LAM,
                "outer_optimizer": "Adam(lr=1e-3)", "meta_batch": tasks, "warmup": warmup, "repeats": repeats,
                "clock": "CUDA events" if cuda else f"process CPU time, {args.threads} thread(s)",
                "memory_measure": "max_memory_allocated" if cuda else "tensor peak (torch.profiler events)",
