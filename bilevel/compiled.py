@@ -30,7 +30,7 @@ from .problem import InnerProblem
 from .solvers.base import CallableSolver, Solver, prepare
 from .solvers.base import get as get_solver
 from .solvers.result import SolveResult, SolverStatus
-from .status import CompileWarning
+from .status import compile_failure
 
 __all__ = ["compiled_hypergradient", "CompiledHypergradient", "CompiledInfo", "CompiledBatchInfo"]
 
@@ -257,11 +257,8 @@ class CompiledHypergradient:
                 out = compiled(*args)
         except Exception as e:  # the compiler's failure: this call and the later ones run eagerly
             self._compiled[kind] = False
-            reason = " ".join(str(e).split())[:300]
-            warnings.warn(CompileWarning(
-                f"compiled_hypergradient: torch.compile could not compile the hypergradient of "
-                f"{self.problem.name!r} ({type(e).__name__}: {reason}); it runs eagerly from now on (the same "
-                f"values). Pass compile=False to skip the attempt."), stacklevel=4)
+            warnings.warn(compile_failure(f"compiled_hypergradient of {self.problem.name!r}", e,
+                                          "it runs eagerly from now on (the same values)"), stacklevel=4)
             return None
         return tuple(t.clone() for t in out) if self._clone else out
 

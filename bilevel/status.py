@@ -81,6 +81,13 @@ class CompileWarning(UserWarning):
     """
 
 
+def compile_failure(what: str, error: BaseException, then: str) -> CompileWarning:
+    """The :class:`CompileWarning` for ``error`` raised while compiling ``what``; ``then`` says what happens next."""
+    reason = " ".join(str(error).split())[:300]
+    return CompileWarning(f"{what}: torch.compile failed ({type(error).__name__}: {reason}); {then}. "
+                          f"Pass compile=False to skip the attempt.")
+
+
 class NegativeCurvatureWarning(BreakdownWarning):
     """A linear solve met a direction ``p`` with ``p^T A p <= 0``: the system is not positive definite.
 

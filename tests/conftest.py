@@ -33,3 +33,22 @@ def float32_default():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def compiled_or_skip():
+    """``run(fn)``: call fn; skip the test, saying why, where this machine cannot compile at all (torch.compile's
+    CPU backend needs a C++ toolchain), which the library reports with a CompileWarning before running eagerly."""
+    import warnings
+
+    import bilevel as bl
+
+    def run(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", bl.CompileWarning)
+            out = fn()
+        failed = [w for w in caught if issubclass(w.category, bl.CompileWarning)]
+        if failed:
+            pytest.skip(f"torch.compile cannot compile on this machine: {failed[0].message}")
+        return out
+    return run

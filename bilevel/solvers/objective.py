@@ -12,7 +12,7 @@ from .._checks import check_scalar, detached_objective_error
 from .._functorch import in_transform
 from ..linalg.hvp import hvp as _hvp
 from ..problem import InnerProblem, ProximalProblem
-from ..status import CompileWarning
+from ..status import compile_failure
 
 __all__ = ["Objective"]
 
@@ -81,11 +81,10 @@ class Objective:
             g, v = self._compiled(x)
         except Exception as e:  # the compiler's failure (unsupported code, no C++ toolchain): continue eagerly
             self._compile, self._compiled, self.compile_failed = False, None, True
-            reason = " ".join(str(e).split())[:300]
-            warnings.warn(CompileWarning(
-                f"compile=True: torch.compile could not compile the inner objective {self.problem.name!r} "
-                f"({type(e).__name__}: {reason}); the solve continues without compiling (the same values), "
-                f"and the solver does not try again. Pass compile=False to skip the attempt."), stacklevel=4)
+            warnings.warn(compile_failure(
+                f"compile=True, the inner objective {self.problem.name!r}", e,
+                "the solve continues without compiling (the same values), and the solver does not try again"),
+                stacklevel=4)
             return None
         return v.detach(), g.detach()
 

@@ -106,18 +106,7 @@ def test_trees_and_outer_data():
     torch.testing.assert_close(info.phi["w"], phi["w"].detach(), rtol=1e-12, atol=1e-14)
 
 
-def compiled_or_skip(fn):
-    """Run fn; skip (saying why) where this machine cannot compile at all (no C++ toolchain for inductor)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", bl.CompileWarning)
-        out = fn()
-    failed = [w for w in caught if issubclass(w.category, bl.CompileWarning)]
-    if failed:
-        pytest.skip(f"torch.compile cannot compile on this machine: {failed[0].message}")
-    return out
-
-
-def test_the_compiled_graph_equals_its_eager_run():
+def test_the_compiled_graph_equals_its_eager_run(compiled_or_skip):
     """One compile (second call), replayed at new theta values without recompiling; the same numbers as eager."""
     ref = bl.testing.proximal_quadratic(dim=4, seed=1)
     solver = bl.solvers.get("gd", step_size=1.0 / ref.smoothness, max_iter=30, tol=0.0)
@@ -295,7 +284,7 @@ def test_batched_is_the_mean_of_the_tasks():
     assert not any(info.converged)
 
 
-def test_batched_compiled_equals_eager():
+def test_batched_compiled_equals_eager(compiled_or_skip):
     problem, outer, theta, support, query = regression_tasks(tasks=3)
     solver = bl.solvers.get("gd", step_size=0.3, max_iter=20, tol=0.0)
     linear = bl.linalg.get("cg", max_iter=4, tol=1e-10, warn=False)
