@@ -10,9 +10,9 @@ The issue's GPU target is stated for this unit: 32 tasks, K = 16 inner GD steps,
 * ``compiled`` (not in the default paths; ask with ``--paths``): the meta-batch through
   :meth:`bilevel.CompiledHypergradient.batched`, the tasks under :func:`torch.func.vmap` inside one
   ``torch.compile`` graph, exact reverse-over-reverse products, on CUDA as a CUDA graph
-  (``mode="reduce-overhead"``). It has no per-task first-order fallback at negative curvature (the
-  other exact paths have), so its meta-gradient equals theirs when no task meets negative curvature. Its
-  first two steps (eager, then compiling) are part of ``--warmup``, which is raised to 2 for it.
+  (``mode="reduce-overhead"``), with the same per-task first-order fallback at negative curvature as the
+  other exact paths (``negative_curvature="first_order"``). Its first two steps (eager, then compiling) are
+  part of ``--warmup``, which is raised to 2 for it.
 
 One meta-step is ``opt.zero_grad(); learner.meta_gradient(theta, batch); opt.step()`` with
 ``torch.optim.Adam(lr=1e-3)``. Per path: ``--warmup`` untimed steps, one peak-memory step
@@ -117,6 +117,8 @@ def _compiled_step(learner: MetaLearner, theta: dict[str, torch.Tensor], opt: to
         return torch.nn.functional.cross_entropy(learner.logits(phi, query[0]), query[1])
 
     hg = bl.compiled_hypergradient(problem, outer, solver=learner.inner_gd, linear_solver=learner.linear,
+                                   negative_curvature=learner.config.negative_curvature if
+                                   learner.config.negative_curvature == "first_order" else "warn",
                                    options={"mode": "reduce-overhead"} if device.type == "cuda" else None)
 
     def step() -> None:

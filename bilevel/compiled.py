@@ -26,7 +26,7 @@ from .implicit import _PHI_HINT, ImplicitInfo
 from .linalg.base import LinearSolveInfo, LinearSolver, LinearSolveStatus
 from .linalg.hvp import _FORWARD_AD_LOCK
 from .linalg.registry import get as get_linear_solver
-from .problem import InnerProblem
+from .problem import InnerProblem, ProximalProblem
 from .solvers.base import CallableSolver, Solver, prepare
 from .solvers.base import get as get_solver
 from .solvers.result import SolveResult, SolverStatus
@@ -108,8 +108,8 @@ class CompiledHypergradient:
     """
 
     def __init__(self, problem: InnerProblem, outer: Callable, *, solver: str | Solver | Callable,
-                 linear_solver: str | LinearSolver = "cg", hvp: str = "reverse", compile: bool = True,
-                 options: dict[str, Any] | None = None):
+                 linear_solver: str | LinearSolver = "cg", hvp: str = "reverse", negative_curvature: str = "warn",
+                 compile: bool = True, options: dict[str, Any] | None = None):
         if not isinstance(problem, InnerProblem):
             raise TypeError(f"problem must be a bilevel.InnerProblem or ProximalProblem, got "
                             f"{type(problem).__name__}; wrap your objective as bl.InnerProblem(objective).")
@@ -137,6 +137,13 @@ class CompiledHypergradient:
             raise ValueError(f"hvp must be 'reverse' or 'forward' here, got {hvp!r} (the Gauss-Newton modes run in "
                              f"bl.argmin and bl.hypergradient).")
         self.hvp = hvp
+        if negative_curvature not in ("warn", "first_order"):
+            raise ValueError(f"negative_curvature must be 'warn' or 'first_order', got {negative_curvature!r}.")
+        if negative_curvature == "first_order" and not isinstance(problem, ProximalProblem):
+            raise ValueError("negative_curvature='first_order' replaces a task's hypergradient by grad_phi f, which is a "
+                             "gradient for theta only when phi and theta are the same parameters: a "
+                             "bl.ProximalProblem (iMAML). Use negative_curvature='warn' for other problems.")
+        self.negative_curvature = negative_curvature
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}.")
         if options is not None and not isinstance(options, dict):
@@ -215,6 +222,8 @@ class CompiledHypergradient:
         grad = direct - mixed
         broke = linfo.extra.get("breakdown")
         broke = torch.zeros((), dtype=torch.bool, device=x.device) if broke is None else broke
+        if self.negative_curvature == "first_order":  # (I + H / lam)^-1 ~ I: the first-order (FOMAML) direction
+            grad = torch.where(broke, direct + cot, grad)
         finite = torch.isfinite(grad).all() & torch.isfinite(x).all() & torch.isfinite(value)
         diag = torch.stack([torch.linalg.vector_norm(g_in), v_in, value, residual,
                             torch.linalg.vector_norm(cot), broke.to(value.dtype), finite.to(value.dtype)])
@@ -307,14 +316,17 @@ class CompiledHypergradient:
         broke = [bool(row[5]) for row in rows]
         inner_ok = [solver.tol == 0 and not isinstance(solver, CallableSolver) or row[0] <= solver.tol for row in rows]
         converged = [ok and not b and r <= lin.tol for ok, b, r in zip(inner_ok, broke, rel)]
-        missed = sum(not c for c in converged)
-        if missed and (any(broke) or not all(inner_ok) or (lin.warn and lin.tol > 0)):
-            status = (LinearSolveStatus.NEGATIVE_CURVATURE if any(broke) else LinearSolveStatus.MAX_ITER)
+        # negative_curvature="first_order": a breakdown is handled (that task's first-order direction), not a miss
+        handled = [b and self.negative_curvature == "first_order" for b in broke]
+        missed = sum(not c and not h for c, h in zip(converged, handled))
+        unhandled = sum(b and not h for b, h in zip(broke, handled))
+        if missed and (unhandled or not all(inner_ok) or (lin.warn and lin.tol > 0)):
+            status = (LinearSolveStatus.NEGATIVE_CURVATURE if unhandled else LinearSolveStatus.MAX_ITER)
             warnings.warn(status.warning(
                 f"compiled_hypergradient.batched: {missed} of {len(rows)} tasks missed a tolerance (inner "
                 f"||grad_phi G|| <= {solver.tol:g}: {sum(not ok for ok in inner_ok)} missed; {lin.name} to relative "
                 f"residual {lin.tol:g} in {lin.max_iter} iterations: {sum(r > lin.tol for r in rel)} missed, largest "
-                f"{max(rel):.3g}; breakdowns: {sum(broke)})", status=status, info=None), stacklevel=2)
+                f"{max(rel):.3g}; breakdowns: {unhandled})", status=status, info=None), stacklevel=2)
         phi = _stack_unflatten(xs, phi_spec)
         info = CompiledBatchInfo([row[2] for row in rows], phi, [row[0] for row in rows], [row[3] for row in rows],
                                  rel, converged, broke, compiled)
@@ -355,7 +367,8 @@ class CompiledHypergradient:
             lstatus = LinearSolveStatus.MAX_ITER
         spent = lin._budget_matvecs(False) + 1  # the fixed budget, and the product of the true residual
         linfo = LinearSolveInfo(lin.max_iter, residual, rel, lstatus.success, lstatus, spent, lin.name)
-        if not lstatus.success and lstatus.warning is not None and (broke or (lin.warn and lin.tol > 0)):
+        handled = broke and self.negative_curvature == "first_order"  # the first-order direction was returned
+        if not lstatus.success and lstatus.warning is not None and not handled and (broke or (lin.warn and lin.tol > 0)):
             warnings.warn(lstatus.warning(
                 f"compiled_hypergradient: {lin.name} did not reach relative residual {lin.tol:g} in {lin.max_iter} "
                 f"iterations (true relative residual {rel:.3g}): {lstatus.value}", status=lstatus, info=linfo),
@@ -373,7 +386,8 @@ def _stack_unflatten(xs: torch.Tensor, spec: _tree.TreeSpec) -> Any:
 
 
 def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: str | Solver | Callable,
-                           linear_solver: str | LinearSolver = "cg", hvp: str = "reverse", compile: bool = True,
+                           linear_solver: str | LinearSolver = "cg", hvp: str = "reverse",
+                           negative_curvature: str = "warn", compile: bool = True,
                            options: dict[str, Any] | None = None) -> CompiledHypergradient:
     r"""Build ``hg(theta, data) -> (dF/dtheta, info)`` that runs the inner solve, the linear solve and the
     hypergradient of ``F(theta) = outer(phi*(theta), theta)`` as one :func:`torch.compile`\ d graph.
@@ -399,6 +413,13 @@ def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: st
         ``torch.func.grad``: the gradient's graph is built once and pulled back for every product) or
         ``"forward"`` (``torch.func.jvp`` of ``torch.func.grad``; some torch functions, ``F.mse_loss``
         among them, cannot run forward-mode).
+    negative_curvature:
+        ``"warn"`` (default): a linear solve that meets a direction of non-positive curvature (the
+        inner Hessian is not positive definite at ``phi``) keeps its last iterate and warns.
+        ``"first_order"``: that task's hypergradient becomes ``grad_theta f + grad_phi f``, the
+        first-order (FOMAML) direction that ``(I + H / lam)^-1 ~ I`` gives, chosen per task inside the
+        graph with :func:`torch.where`, without a warning (``info`` still reports the breakdown); only
+        for a :class:`bilevel.ProximalProblem`, whose ``phi`` and ``theta`` are the same parameters.
     compile:
         ``False`` runs the same function eagerly (for debugging, or where no compiler is available).
     options:
@@ -440,4 +461,4 @@ def compiled_hypergradient(problem: InnerProblem, outer: Callable, *, solver: st
     With ``compile=True`` (the default) the second call compiles and later ones replay the graph.
     """
     return CompiledHypergradient(problem, outer, solver=solver, linear_solver=linear_solver, hvp=hvp,
-                                 compile=compile, options=options)
+                                 negative_curvature=negative_curvature, compile=compile, options=options)

@@ -297,3 +297,38 @@ def test_batched_compiled_equals_eager(compiled_or_skip):
     for k in theta:
         torch.testing.assert_close(g[k], g_e[k], rtol=1e-10, atol=1e-12)
     assert info.values == pytest.approx(info_e.values, rel=1e-10)
+
+
+def test_negative_curvature_first_order_per_task():
+    """G = a sum cos(phi) + lam/2 ||phi - theta||^2 at theta = 0: phi = 0 is stationary for either sign of a; its
+    Hessian (lam - a) I is indefinite for a = 1, lam = 0.5 (CG meets negative curvature) and definite for a = -1,
+    where dphi/dtheta = lam / (lam + 1) I. With f = <w, phi>: the implicit task gives w / 3, the first-order one w."""
+    lam = 0.5
+    problem = bl.ProximalProblem(lambda phi, d: (d * torch.cos(phi)).sum(), lam=lam)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    outer = lambda phi, theta: (w * phi).sum()  # noqa: E731
+    theta = torch.zeros(3, dtype=F64)
+    solver = bl.solvers.get("gd", step_size=0.1, max_iter=5, tol=0.0)
+    tasks = torch.tensor([[1.0], [-1.0]], dtype=F64)  # a per task, broadcast over phi
+    hg = bl.compiled_hypergradient(problem, outer, solver=solver, linear_solver=bl.linalg.get("cg", max_iter=5),
+                                   negative_curvature="first_order", compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.ConvergenceWarning)  # handled per task: no warning
+        mean, info = hg.batched(theta, tasks)
+    assert info.breakdown == [True, False]
+    torch.testing.assert_close(mean, (w + w / 3) / 2, rtol=1e-12, atol=1e-14)
+    g, single = hg(theta, tasks[0])
+    torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert single.backward.status is bl.LinearSolveStatus.NEGATIVE_CURVATURE
+    # the default keeps CG's last iterate and says so
+    plain = bl.compiled_hypergradient(problem, outer, solver=solver, linear_solver=bl.linalg.get("cg", max_iter=5),
+                                      compile=False)
+    with pytest.warns(bl.NegativeCurvatureWarning, match="did not reach"):
+        plain(theta, tasks[0])
+    with pytest.warns(bl.NegativeCurvatureWarning, match="1 of 2 tasks missed"):
+        plain.batched(theta, tasks)
+    with pytest.raises(ValueError, match="ProximalProblem"):
+        bl.compiled_hypergradient(bl.InnerProblem(lambda p, t, d: (p * p).sum()), outer, solver=solver,
+                                  negative_curvature="first_order")
+    with pytest.raises(ValueError, match="'warn' or 'first_order'"):
+        bl.compiled_hypergradient(problem, outer, solver=solver, negative_curvature="truncate")
