@@ -286,6 +286,40 @@ class CompiledHypergradient:
         (grad, x, diag), compiled = self._execute("single", (leaves, data, phi0, outer_data, theta_spec))
         return self._finish(theta, data, phi0, theta_spec, grad, x, diag, compiled=compiled)
 
+    def _judge(self, row: list[float]) -> tuple[SolverStatus, LinearSolveStatus, float, bool]:
+        """A task's diagnostics row -> (inner status, linear status, relative residual, breakdown handled).
+
+        ``handled``: the linear solve broke down and ``negative_curvature="first_order"`` returned the
+        first-order direction instead, which is by design and not warned about.
+        """
+        inner_gn, _, _, residual, bnorm, broke, _ = row
+        solver, lin = self.solver, self.linear_solver
+        if inner_gn <= solver.tol:
+            inner = SolverStatus.CONVERGED
+        elif isinstance(solver, CallableSolver):
+            inner = SolverStatus.NOT_STATIONARY
+        else:
+            inner = SolverStatus.MAX_ITER  # with tol = 0: the fixed budget asked for, not a failure
+        rel = residual / bnorm if bnorm > 0 else residual
+        if broke:
+            linear = (LinearSolveStatus.NEGATIVE_CURVATURE if getattr(lin, "breakdown_flag", "") == "negative_curvature"
+                      else LinearSolveStatus.BREAKDOWN)
+        else:
+            linear = LinearSolveStatus.CONVERGED if rel <= lin.tol else LinearSolveStatus.MAX_ITER
+        return inner, linear, rel, bool(broke) and self.negative_curvature == "first_order"
+
+    def _inner_failed(self, status: SolverStatus) -> bool:
+        """Whether an inner status is a failure to warn about (a fixed budget reaching ``max_iter`` is not)."""
+        fixed = self.solver.tol == 0 and not isinstance(self.solver, CallableSolver)
+        return not status.success and not fixed
+
+    def _linear_failed(self, status: LinearSolveStatus, handled: bool) -> bool:
+        """Whether a linear status is a failure to warn about (as the eager path warns: a breakdown always, a
+        missed tolerance when ``warn`` and ``tol > 0``), unless the breakdown was handled."""
+        lin = self.linear_solver
+        return (not status.success and status.warning is not None and not handled
+                and (status.breakdown or (lin.warn and lin.tol > 0)))
+
     def batched(self, theta: Any, data: Any, *, phi0: Any = None, outer_data: Any = _MISSING
                 ) -> tuple[Any, CompiledBatchInfo]:
         """The mean hypergradient over a batch of tasks (a meta-batch), all of them in one graph.
@@ -312,21 +346,21 @@ class CompiledHypergradient:
                              f"solution, outer objective or hypergradient; {_PHI_HINT}. Run such a task alone with "
                              f"the CompiledHypergradient itself (hg(theta, data_i)) for a detailed error.")
         lin, solver = self.linear_solver, self.solver
-        rel = [row[3] / row[4] if row[4] > 0 else row[3] for row in rows]
+        judged = [self._judge(row) for row in rows]
+        rel = [r for _, _, r, _ in judged]
         broke = [bool(row[5]) for row in rows]
-        inner_ok = [solver.tol == 0 and not isinstance(solver, CallableSolver) or row[0] <= solver.tol for row in rows]
-        converged = [ok and not b and r <= lin.tol for ok, b, r in zip(inner_ok, broke, rel)]
-        # negative_curvature="first_order": a breakdown is handled (that task's first-order direction), not a miss
-        handled = [b and self.negative_curvature == "first_order" for b in broke]
-        missed = sum(not c and not h for c, h in zip(converged, handled))
-        unhandled = sum(b and not h for b, h in zip(broke, handled))
-        if missed and (unhandled or not all(inner_ok) or (lin.warn and lin.tol > 0)):
-            status = (LinearSolveStatus.NEGATIVE_CURVATURE if unhandled else LinearSolveStatus.MAX_ITER)
+        inner_missed = sum(self._inner_failed(i) for i, _, _, _ in judged)
+        linear_missed = sum(self._linear_failed(lst, h) for _, lst, _, h in judged)
+        converged = [(i.success or not self._inner_failed(i)) and lst.success for i, lst, _, _ in judged]
+        unhandled = sum(b and not h for b, (_, _, _, h) in zip(broke, judged))
+        missed = sum(self._inner_failed(i) or self._linear_failed(lst, h) for i, lst, _, h in judged)
+        if missed:
+            status = LinearSolveStatus.NEGATIVE_CURVATURE if unhandled else LinearSolveStatus.MAX_ITER
             warnings.warn(status.warning(
                 f"compiled_hypergradient.batched: {missed} of {len(rows)} tasks missed a tolerance (inner "
-                f"||grad_phi G|| <= {solver.tol:g}: {sum(not ok for ok in inner_ok)} missed; {lin.name} to relative "
-                f"residual {lin.tol:g} in {lin.max_iter} iterations: {sum(r > lin.tol for r in rel)} missed, largest "
-                f"{max(rel):.3g}; breakdowns: {unhandled})", status=status, info=None), stacklevel=2)
+                f"||grad_phi G|| <= {solver.tol:g}: {inner_missed} missed; {lin.name} to relative residual "
+                f"{lin.tol:g} in {lin.max_iter} iterations: {linear_missed} missed, largest {max(rel):.3g}; "
+                f"breakdowns: {unhandled})", status=status, info=None), stacklevel=2)
         phi = _stack_unflatten(xs, phi_spec)
         info = CompiledBatchInfo([row[2] for row in rows], phi, [row[0] for row in rows], [row[3] for row in rows],
                                  rel, converged, broke, compiled)
@@ -343,32 +377,18 @@ class CompiledHypergradient:
             raise ValueError("compiled_hypergradient: the outer objective or the hypergradient is not finite at a "
                              "finite phi; check outer (e.g. with torch.autograd.set_detect_anomaly(True)) and the "
                              "linear solver's budget.")
-        solver = self.solver
-        if inner_gn <= solver.tol:
-            status = SolverStatus.CONVERGED
-        elif solver.tol == 0 and not isinstance(solver, CallableSolver):
-            status = SolverStatus.MAX_ITER  # a fixed budget, as asked
-        else:
-            status = SolverStatus.MAX_ITER if not isinstance(solver, CallableSolver) else SolverStatus.NOT_STATIONARY
+        solver, lin = self.solver, self.linear_solver
+        status, lstatus, rel, handled = self._judge([inner_gn, inner_value, value, residual, bnorm, broke, finite])
+        if self._inner_failed(status):
             warnings.warn(status.warning(
                 f"compiled_hypergradient: inner solver {solver.name!r} did not reach ||grad_phi G|| <= {solver.tol:g} "
                 f"(||grad_phi G|| = {inner_gn:.3g}): {status.value}", status=status, info=None), stacklevel=3)
         iterations = 0 if isinstance(solver, CallableSolver) else solver.max_iter
         inner = SolveResult(phi, status.success, iterations, inner_gn, status, status.value, {}, inner_value,
                             solver.name)
-        lin = self.linear_solver
-        rel = residual / bnorm if bnorm > 0 else residual
-        if broke:
-            lstatus = (LinearSolveStatus.NEGATIVE_CURVATURE if getattr(lin, "breakdown_flag", "") == "negative_curvature"
-                       else LinearSolveStatus.BREAKDOWN)
-        elif rel <= lin.tol:
-            lstatus = LinearSolveStatus.CONVERGED
-        else:
-            lstatus = LinearSolveStatus.MAX_ITER
         spent = lin._budget_matvecs(False) + 1  # the fixed budget, and the product of the true residual
         linfo = LinearSolveInfo(lin.max_iter, residual, rel, lstatus.success, lstatus, spent, lin.name)
-        handled = broke and self.negative_curvature == "first_order"  # the first-order direction was returned
-        if not lstatus.success and lstatus.warning is not None and not handled and (broke or (lin.warn and lin.tol > 0)):
+        if self._linear_failed(lstatus, handled):
             warnings.warn(lstatus.warning(
                 f"compiled_hypergradient: {lin.name} did not reach relative residual {lin.tol:g} in {lin.max_iter} "
                 f"iterations (true relative residual {rel:.3g}): {lstatus.value}", status=lstatus, info=linfo),

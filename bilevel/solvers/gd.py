@@ -46,7 +46,8 @@ class GradientDescent(IterativeSolver):
         Evaluate ``G`` and its gradient with :func:`torch.compile` (``torch.func.grad_and_value``,
         static shapes) from the second evaluation of each solve on; the first runs eagerly and checks
         the objective. Pays where steps are many and cheap (small models, long inner loops: Python and
-        dispatch overhead dominate): see ``benchmarks/overhead.py``. The first solve of a shape pays
+        dispatch overhead dominate; ``docs/inner_solvers.rst``, "Compiled steps"; to compile the whole
+        hypergradient, see :func:`bilevel.compiled_hypergradient`). The first solve of a shape pays
         for compiling (seconds); later solves reuse it. If compiling fails, a
         :class:`bilevel.CompileWarning` says why and the solver runs eagerly from then on. Ignored
         inside ``torch.func`` transforms. Default False.
